@@ -1,0 +1,105 @@
+"""The `sidecar` command: run, check, demo, --version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import yaml
+
+from sidecar import __version__
+from sidecar.config import ConfigError, load_config
+from sidecar.config.describe import describe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sidecar", description="A resilience proxy that runs next to your service.")
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the sidecar until SIGINT or SIGTERM")
+    run.add_argument("-c", "--config", default=os.environ.get("SIDECAR_CONFIG"),
+                     help="config file (default: $SIDECAR_CONFIG)")
+    _add_loop_option(run)
+
+    check = commands.add_parser("check", help="validate a config and print every route's effective policy")
+    check.add_argument("path")
+
+    demo = commands.add_parser("demo", help="run a misbehaving demo upstream with the sidecar in front of it")
+    demo.add_argument("--listen", default="127.0.0.1:15001", help="sidecar traffic address")
+    demo.add_argument("--admin", default="127.0.0.1:9901", help="sidecar admin address")
+    demo.add_argument("--upstream", default="127.0.0.1:18080", help="demo upstream address")
+    _add_loop_option(demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # bad requests are answered, not logged
+    if args.command == "check":
+        return _check(args.path)
+    if args.command == "run":
+        if not args.config:
+            parser.error("run needs --config PATH (or SIDECAR_CONFIG)")
+        return _run(args.config, args.loop)
+    return _demo(args)
+
+
+def _add_loop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="event loop implementation (default: asyncio)")
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"# {path}: valid")
+    print(yaml.safe_dump(describe(config), sort_keys=False), end="")
+    return 0
+
+
+def _run(path: str, loop: str) -> int:
+    from sidecar.server import Sidecar, serve_until_stopped
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    return run_until_signal(lambda stop: serve_until_stopped(Sidecar(config), stop), loop)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_until_signal(lambda stop: run_demo(args.listen, args.admin, args.upstream, stop), args.loop)
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], loop: str) -> int:
+    """Run `main` until SIGINT or SIGTERM sets its stop event; report bind errors plainly."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        await main(stop)
+
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=factory) as asyncio_runner:
+            asyncio_runner.run(runner())
+    except OSError as exc:
+        print(f"sidecar: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,39 @@
+"""The effective config in plain data, as `sidecar check` prints it (units as a person writes them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from sidecar.config.model import Config
+from sidecar.config.schema import POLICY_SECTIONS
+from sidecar.config.units import Duration, Size
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, Duration | Size):
+        return str(value)
+    if isinstance(value, msgspec.Struct):
+        return {name: plain(getattr(value, name)) for name in value.__struct_fields__}
+    if isinstance(value, tuple | list):
+        return [plain(item) for item in value]
+    return value
+
+
+def describe(config: Config) -> dict[str, Any]:
+    return {
+        "listen": str(config.listen),
+        "admin": {"listen": str(config.admin_listen)},
+        "routes": [
+            {
+                "name": route.name,
+                "listen": str(route.listen),
+                "match": {"path_prefix": route.path_prefix, "host": route.host},
+                "strip_prefix": route.strip_prefix,
+                "upstream": {"name": route.upstream.name, "endpoints": [e.base for e in route.upstream.endpoints]},
+                **{section: plain(getattr(route, section)) for section in POLICY_SECTIONS},
+            }
+            for route in config.routes
+        ],
+    }

@@ -1,0 +1,61 @@
+"""The loaded config: immutable, validated, defaults merged. The hot path reads only these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.config.schema import CircuitBreaker, Limits, Retries, Timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One upstream instance; `base` is scheme://host:port plus an optional base path."""
+
+    base: str
+    authority: str  # host[:port] as written, sent as the Host header
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    name: str
+    listen: Address
+    host: str | None  # lower-case, without port; None matches any host
+    path_prefix: str
+    strip_prefix: bool
+    upstream: UpstreamSpec
+    timeouts: Timeouts  # per_try is resolved, never None
+    retries: Retries
+    circuit_breaker: CircuitBreaker
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Address
+    admin_listen: Address
+    upstreams: tuple[UpstreamSpec, ...]
+    routes: tuple[RouteSpec, ...]
+
+    @property
+    def listeners(self) -> tuple[Address, ...]:
+        """Every traffic listener: the shared one first, then dedicated route ports."""
+        seen = [self.listen]
+        for route in self.routes:
+            if route.listen not in seen:
+                seen.append(route.listen)
+        return tuple(seen)

@@ -1,0 +1,121 @@
+"""The config document's shape: every key a user may write, with its default.
+
+These frozen msgspec Structs are the single source for validation (unknown
+keys are errors), for the defaults, and for the published JSON Schema
+(`docs/config.schema.json`). Cross-field rules live in `load.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from sidecar.config.units import Duration, Size, duration, size
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+Positive = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+Ratio = Annotated[float, Meta(ge=0.0, le=1.0)]
+StatusCode = Annotated[int, Meta(ge=100, le=599)]
+# A retry condition is a transport failure name or an upstream status code.
+RetryOn = Literal["connect-failure", "reset", "timeout"] | StatusCode
+# A breaker failure is a transport failure name, "5xx", or a status code.
+FailureOn = Literal["connect-failure", "reset", "timeout", "5xx"] | StatusCode
+
+
+class Timeouts(_Section, frozen=True):
+    connect: Duration = duration("1s")
+    # None means "same as total"; resolved when the config is loaded.
+    per_try: Duration | None = None
+    total: Duration = duration("15s")
+    idle: Duration = duration("5m")
+
+
+class Backoff(_Section, frozen=True):
+    base: Duration = duration("25ms")
+    max: Duration = duration("250ms")
+
+
+class Budget(_Section, frozen=True):
+    ratio: Ratio = 0.2
+    min_per_second: Annotated[float, Meta(ge=0.0)] = 10.0
+
+
+class Retries(_Section, frozen=True):
+    attempts: Positive = 2
+    on: tuple[RetryOn, ...] = ("connect-failure", "reset", 502, 503, 504)
+    backoff: Backoff = msgspec.field(default_factory=Backoff)
+    budget: Budget = msgspec.field(default_factory=Budget)
+    non_idempotent: bool = False
+    max_body: Size = size("64KiB")
+    retry_after_max: Duration = duration("1s")
+
+
+class FailureRate(_Section, frozen=True):
+    threshold: Ratio = 0.5
+    window: Duration = duration("10s")
+    min_requests: Positive = 20
+
+
+class CircuitBreaker(_Section, frozen=True):
+    enabled: bool = True
+    failure_threshold: Positive = 5
+    reset_timeout: Duration = duration("30s")
+    success_threshold: Positive = 1
+    failure_on: tuple[FailureOn, ...] = ("connect-failure", "reset", "timeout", "5xx")
+    failure_rate: FailureRate | None = None
+
+
+class Limits(_Section, frozen=True):
+    max_concurrent: Positive = 100
+    max_pending: NonNegative = 0
+    queue_timeout: Duration = duration("1s")
+
+
+class Policies(_Section, frozen=True):
+    """The policy sections shared by `defaults` and each route."""
+
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    retries: Retries = msgspec.field(default_factory=Retries)
+    circuit_breaker: CircuitBreaker = msgspec.field(default_factory=CircuitBreaker)
+    limits: Limits = msgspec.field(default_factory=Limits)
+
+
+POLICY_SECTIONS: dict[str, type[_Section]] = {
+    "timeouts": Timeouts, "retries": Retries, "circuit_breaker": CircuitBreaker, "limits": Limits,
+}
+
+
+class Match(_Section, frozen=True):
+    path_prefix: Annotated[str, Meta(pattern=r"^/")] = "/"
+    host: str | None = None
+
+
+class Route(Policies, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    upstream: str
+    match: Match | None = None
+    listen: str | None = None
+    strip_prefix: bool = False
+
+
+class Upstream(_Section, frozen=True):
+    endpoints: Annotated[list[str], Meta(min_length=1)]
+
+
+class Admin(_Section, frozen=True):
+    listen: str = "127.0.0.1:9901"
+
+
+class Document(_Section, frozen=True):
+    listen: str = "127.0.0.1:15001"
+    admin: Admin = msgspec.field(default_factory=Admin)
+    defaults: Policies = msgspec.field(default_factory=Policies)
+    upstreams: dict[str, Upstream] = msgspec.field(default_factory=dict)
+    routes: list[Route] = msgspec.field(default_factory=list)

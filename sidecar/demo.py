@@ -1,0 +1,99 @@
+"""`sidecar demo`: a demo upstream that misbehaves on purpose, with the sidecar in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from aiohttp import web
+
+from sidecar.config import parse_config
+from sidecar.server import Sidecar
+
+DEMO_CONFIG = """
+listen: {listen}
+admin:
+  listen: {admin}
+defaults:
+  timeouts: {{connect: 500ms, per_try: 1s, total: 5s, idle: 30s}}
+upstreams:
+  demo:
+    endpoints: [http://{upstream}]
+  nowhere:
+    endpoints: [http://127.0.0.1:1]   # nothing listens here: connect_failure
+routes:
+  - name: demo
+    match: {{path_prefix: /demo/}}
+    upstream: demo
+    strip_prefix: true
+  - name: nowhere
+    match: {{path_prefix: /nowhere/}}
+    upstream: nowhere
+"""
+
+
+def demo_upstream(failure_rate: float = 0.5) -> web.Application:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello from the demo upstream\n")
+
+    async def flaky(request: web.Request) -> web.Response:
+        if random.random() < failure_rate:
+            return web.Response(status=503, text="demo upstream: unlucky this time\n")
+        return web.Response(text="demo upstream: lucky this time\n")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("seconds", "3")))
+        return web.Response(text="demo upstream: finally\n")
+
+    async def reset(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.abort()  # drop the connection before any response
+        return web.Response()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for number in range(1, 21):
+            await response.write(f"id: {number}\ndata: tick {number}\n\n".encode())
+            await asyncio.sleep(0.5)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/flaky", flaky)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/reset", reset)
+    app.router.add_get("/events", events)
+    return app
+
+
+async def run_demo(listen: str, admin: str, upstream: str, stop: asyncio.Event) -> None:
+    host, port = upstream.rsplit(":", 1)
+    upstream_runner = web.AppRunner(demo_upstream(), access_log=None)
+    await upstream_runner.setup()
+    await web.TCPSite(upstream_runner, host, int(port)).start()
+    config = parse_config(DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream), {})
+    sidecar = Sidecar(config)
+    try:
+        await sidecar.start()
+        base = f"http://{listen}"
+        print(f"""
+sidecar demo: the sidecar listens on {base}, in front of a demo upstream on http://{upstream}
+
+Try:
+  curl -i {base}/demo/hello           # forwarded, with an X-Request-Id added
+  curl -i {base}/demo/flaky           # the upstream fails half the time (its 503 passes through)
+  curl -i {base}/demo/slow            # upstream takes 3s; per_try is 1s: 504, x-sidecar-error: timeout
+  curl -i {base}/demo/reset           # upstream drops the connection: 502 upstream_reset
+  curl -i {base}/nowhere/             # nothing listens there: 502 connect_failure
+  curl -i {base}/elsewhere            # no route matches: 404 no_route
+  curl -N {base}/demo/events          # server-sent events, each as it is written
+
+Metrics: curl http://{admin}/metrics
+Health:  curl http://{admin}/healthz   Ready: curl http://{admin}/readyz
+Ctrl-C to stop.
+""", flush=True)
+        await stop.wait()
+    finally:
+        await sidecar.stop()
+        await upstream_runner.cleanup()

@@ -1,0 +1,20 @@
+"""Choosing an endpoint of an upstream: round robin."""
+
+from __future__ import annotations
+
+from sidecar.config import Endpoint, UpstreamSpec
+
+
+class RoundRobin:
+    """Hands out an upstream's endpoints in turn. One per upstream, shared by its routes."""
+
+    __slots__ = ("_endpoints", "_next")
+
+    def __init__(self, upstream: UpstreamSpec) -> None:
+        self._endpoints = upstream.endpoints
+        self._next = 0
+
+    def pick(self) -> Endpoint:
+        endpoint = self._endpoints[self._next % len(self._endpoints)]
+        self._next += 1
+        return endpoint

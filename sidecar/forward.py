@@ -1,0 +1,55 @@
+"""The innermost step: send one attempt to one endpoint and return its response headers.
+
+This is the edge where aiohttp's and asyncio's exceptions become sidecar errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import ClientResponse, ClientSession, ClientTimeout
+from yarl import URL
+
+from sidecar.call import Call, Handler
+from sidecar.config import RouteSpec
+from sidecar.endpoints import RoundRobin
+from sidecar.errors import BadUpstreamResponse, ConnectFailure, UpstreamReset, UpstreamTimeout
+
+
+def forwarder(route: RouteSpec, session: ClientSession, endpoints: RoundRobin) -> Handler:
+    timeouts = route.timeouts
+    per_try = timeouts.per_try or timeouts.total
+    # sock_connect bounds the TCP (and TLS) connect alone; the per-try budget below
+    # bounds everything up to response headers, including waiting for a pooled
+    # connection. Body silence is the relay's idle watchdog, not aiohttp's.
+    client_timeout = ClientTimeout(total=None, connect=None, sock_connect=timeouts.connect, sock_read=None)
+    loop = asyncio.get_running_loop()
+
+    async def forward(call: Call) -> ClientResponse:
+        budget = min(per_try, call.deadline - loop.time())
+        if budget <= 0:
+            raise UpstreamTimeout(f"no time left for an attempt within the {timeouts.total:g}s total timeout")
+        endpoint = endpoints.pick()
+        call.headers["Host"] = endpoint.authority
+        url = URL(endpoint.base + call.target, encoded=True)
+        try:
+            async with asyncio.timeout(budget):
+                return await session.request(
+                    call.method, url, headers=call.headers, data=call.body,
+                    allow_redirects=False, timeout=client_timeout,
+                )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise ConnectFailure(f"connect to {endpoint.authority} timed out after {timeouts.connect:g}s") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectFailure(f"cannot connect to {endpoint.authority}: {exc.os_error.strerror or exc}") from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"{endpoint.authority} sent no response headers within {budget:.3g}s") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise UpstreamReset(f"{endpoint.authority} closed the connection before response headers") from exc
+        except aiohttp.ClientResponseError as exc:
+            raise BadUpstreamResponse(f"{endpoint.authority} sent an invalid response: {exc.message}") from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise UpstreamReset(f"sending the request body to {endpoint.authority} failed") from exc
+
+    return forward

@@ -1,0 +1,67 @@
+"""Header rules of a proxy: hop-by-hop removal both ways, X-Forwarded-*, request ids."""
+
+from __future__ import annotations
+
+import uuid
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 7.6.1: meaningful only for one connection, so never forwarded.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+REQUEST_ID = "X-Request-Id"
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    values = headers.getall("Connection", ())
+    return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
+
+
+def _is_hop_by_hop(name: str, named: frozenset[str]) -> bool:
+    lower = name.lower()
+    return lower in HOP_BY_HOP or lower.startswith("proxy-") or lower in named
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str], remote: str | None, scheme: str, request_id: str
+) -> CIMultiDict[str]:
+    """Headers for the upstream: end-to-end ones untouched, forwarding facts added.
+
+    Host is left out: the forward step sets it to the endpoint it picked.
+    X-Forwarded-Proto/Host from a caller are kept (it may sit behind another proxy).
+    """
+    named = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if _is_hop_by_hop(name, named) or name.lower() in ("host", "x-forwarded-for"):
+            continue
+        out.add(name, value)
+    chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    if remote:
+        chain = f"{chain}, {remote}" if chain else remote
+    if chain:
+        out["X-Forwarded-For"] = chain
+    if "X-Forwarded-Proto" not in out:
+        out["X-Forwarded-Proto"] = scheme
+    if "X-Forwarded-Host" not in out and "Host" in incoming:
+        out["X-Forwarded-Host"] = incoming["Host"]
+    out[REQUEST_ID] = request_id
+    return out
+
+
+def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    """Headers for the caller: the upstream's end-to-end headers, plus the request id."""
+    named = _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if not _is_hop_by_hop(name, named):
+            out.add(name, value)
+    if REQUEST_ID not in out:
+        out[REQUEST_ID] = request_id
+    return out
+
+
+def request_id_of(incoming: CIMultiDictProxy[str]) -> str:
+    return incoming.get(REQUEST_ID) or uuid.uuid4().hex

@@ -1,0 +1,1 @@
+"""Policy layers, one per module, each wrapping a `Handler` in one policy. `stack.py` orders them."""

@@ -1,0 +1,25 @@
+"""Total deadline: every attempt and every backoff of a request fits inside `timeouts.total`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.call import Call, Handler, Layer
+from sidecar.config.schema import Timeouts
+
+
+def deadline_layer(timeouts: Timeouts) -> Layer:
+    total = timeouts.total
+    loop = asyncio.get_running_loop()
+
+    def wrap(inner: Handler) -> Handler:
+        async def within_deadline(call: Call) -> object:
+            # The deadline is a stamp, not a timer: the forward step gives each attempt
+            # min(per_try, time left) and raises `timeout` when nothing is left, so
+            # there is exactly one timer per attempt and errors stay specific.
+            call.deadline = min(call.deadline, loop.time() + total)
+            return await inner(call)
+
+        return within_deadline  # type: ignore[return-value]
+
+    return wrap

@@ -1,0 +1,59 @@
+"""Prometheus metrics. One `Metrics` per sidecar, on a registry passed in (tests build many).
+
+Label values stay bounded: route names from the config and a fixed method set, never raw paths.
+The catalogue with meanings and example queries is in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar import __version__
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+NO_ROUTE = "_no_route"  # route label of requests that matched no route (names cannot start with "_")
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "sidecar_requests", "Requests answered, by route, method and response status code.",
+            ["route", "method", "code"], registry=registry,
+        )
+        self.duration = Histogram(
+            "sidecar_request_duration_seconds", "Time from request received to response complete.",
+            ["route"], buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight_requests", "Requests being handled now.", ["route"], registry=registry,
+        )
+        build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
+                           ["version"], registry=registry)
+        build_info.labels(__version__).set(1)
+
+    def route(self, name: str) -> RouteMetrics:
+        return RouteMetrics(self, name)
+
+
+class RouteMetrics:
+    """A route's metric children, resolved once so the hot path skips label lookups."""
+
+    __slots__ = ("_metrics", "_name", "_requests", "duration", "in_flight")
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._metrics = metrics
+        self._name = name
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self.duration = metrics.duration.labels(name)
+        self.in_flight = metrics.in_flight.labels(name)
+
+    def answered(self, method: str, code: int, seconds: float) -> None:
+        key = (method, code)
+        counter = self._requests.get(key)
+        if counter is None:
+            label = method if method in METHODS else "OTHER"
+            counter = self._requests[key] = self._metrics.requests.labels(self._name, label, str(code))
+        counter.inc()
+        self.duration.observe(seconds)

@@ -1,0 +1,117 @@
+"""A traffic listener: match the route, run its policy stack, relay the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import StreamReader, web
+
+from sidecar.call import Call, Handler
+from sidecar.config import RouteSpec
+from sidecar.errors import NoRoute, SidecarError, error_response
+from sidecar.headers import request_id_of, upstream_request_headers
+from sidecar.metrics import RouteMetrics
+from sidecar.relay import relay
+
+log = logging.getLogger("sidecar.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRoute:
+    """A route ready for traffic: its config, its built stack and its metric children."""
+
+    spec: RouteSpec
+    handler: Handler
+    metrics: RouteMetrics
+
+
+def host_of(host_header: str) -> str:
+    """`Example.COM:8080` -> `example.com`; `[::1]:80` -> `[::1]`."""
+    host = host_header.lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+class RouteTable:
+    """Longest `path_prefix` wins; at equal length a route with a `host` beats one without."""
+
+    def __init__(self, routes: list[ActiveRoute]) -> None:
+        self._routes = sorted(routes, key=lambda r: (len(r.spec.path_prefix), r.spec.host is not None), reverse=True)
+
+    def match(self, host_header: str, raw_path: str) -> ActiveRoute | None:
+        host = None
+        for route in self._routes:
+            spec = route.spec
+            if not raw_path.startswith(spec.path_prefix):
+                continue
+            if spec.host is not None:
+                if host is None:
+                    host = host_of(host_header)
+                if host != spec.host:
+                    continue
+            return route
+        return None
+
+
+def upstream_target(spec: RouteSpec, raw_path: str) -> str:
+    """The path and query for the upstream: raw bytes kept, the prefix removed if asked, still absolute."""
+    if not spec.strip_prefix:
+        return raw_path
+    rest = raw_path[len(spec.path_prefix):]
+    return rest if rest.startswith("/") else "/" + rest
+
+
+async def request_body(content: StreamReader, idle: float) -> AsyncIterator[bytes]:
+    """The caller's body as it arrives; a caller silent for `idle` mid-body ends the request."""
+    while True:
+        async with asyncio.timeout(idle):
+            chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk
+
+
+class Listener:
+    """The request handler of one listening address and the routes it serves."""
+
+    def __init__(self, routes: list[ActiveRoute], unmatched: RouteMetrics) -> None:
+        self._table = RouteTable(routes)
+        self._unmatched = unmatched
+        self._loop = asyncio.get_running_loop()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = self._loop.time()
+        request_id = request_id_of(request.headers)
+        raw_path = request.raw_path
+        route = self._table.match(request.host, raw_path)
+        if route is None:
+            self._unmatched.answered(request.method, NoRoute.status, self._loop.time() - started)
+            return error_response(NoRoute(f"no route matches {request.method} {request.path}"), None, request_id)
+        metrics = route.metrics
+        metrics.in_flight.inc()
+        status = 500
+        try:
+            spec = route.spec
+            call = Call(
+                method=request.method,
+                target=upstream_target(spec, raw_path),
+                headers=upstream_request_headers(request.headers, request.remote, request.scheme, request_id),
+                body=request_body(request.content, spec.timeouts.idle) if request.body_exists else None,
+            )
+            try:
+                upstream = await route.handler(call)
+            except SidecarError as error:
+                status = error.status
+                return error_response(error, spec.name, request_id)
+            except Exception:
+                log.exception("unexpected error on route %s (request %s)", spec.name, request_id)
+                return error_response(SidecarError("the sidecar failed unexpectedly"), spec.name, request_id)
+            status = upstream.status
+            return await relay(request, upstream, request_id, spec.timeouts.idle)
+        finally:
+            metrics.in_flight.dec()
+            metrics.answered(request.method, status, self._loop.time() - started)

@@ -1,0 +1,49 @@
+"""Streaming the chosen upstream response to the caller, chunk by chunk, under an idle watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import ClientResponse, web
+
+from sidecar.headers import downstream_response_headers
+
+log = logging.getLogger("sidecar.relay")
+
+
+def has_no_body(method: str, status: int) -> bool:
+    return method == "HEAD" or status in (204, 304) or status < 200
+
+
+async def relay(request: web.BaseRequest, upstream: ClientResponse, request_id: str, idle: float) -> web.StreamResponse:
+    """Send `upstream` to the caller as it arrives. Bytes pass untouched (no decoding).
+
+    If either side fails or goes silent for `idle` mid-body, both connections are
+    closed: a truncated body must never look complete to the caller.
+    """
+    response = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason,
+        headers=downstream_response_headers(upstream.headers, request_id),
+    )
+    try:
+        await response.prepare(request)
+        if has_no_body(request.method, upstream.status):
+            upstream.release()
+            return response
+        loop = asyncio.get_running_loop()
+        content = upstream.content
+        # One watchdog for the whole body, pushed forward whenever a chunk moves:
+        # it catches a silent upstream and a caller that stopped reading alike.
+        async with asyncio.timeout(idle) as watchdog:
+            while chunk := await content.readany():
+                await response.write(chunk)
+                watchdog.reschedule(loop.time() + idle)
+    except Exception as exc:  # noqa: BLE001 - any failure mid-body ends both sides the same way
+        log.debug("relay of %s aborted: %r", request_id, exc)
+        upstream.close()
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    upstream.release()
+    return response

@@ -1,0 +1,114 @@
+"""Starting and stopping a sidecar: client session, listeners, admin. No global state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from sidecar.admin import Readiness, admin_app
+from sidecar.config import Address, Config
+from sidecar.endpoints import RoundRobin
+from sidecar.metrics import NO_ROUTE, Metrics
+from sidecar.proxy import ActiveRoute, Listener
+from sidecar.stack import route_stack
+
+log = logging.getLogger("sidecar")
+
+# Our own header limits are generous: upstreams may send more than aiohttp's 8 KiB default.
+MAX_LINE = MAX_FIELD = 65536
+# Below the idle timeout of common upstream servers (Node's default is 5s), so we
+# rarely reuse a connection the upstream is closing at the same moment.
+UPSTREAM_KEEPALIVE = 4.0
+# How long in-flight requests may finish on stop (graceful drain is its own issue).
+SHUTDOWN_TIMEOUT = 5.0
+
+
+def client_session() -> aiohttp.ClientSession:
+    """One pooled client for the process. It must not change what the caller sent."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bytes pass through; Content-Encoding stays true
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        max_line_size=MAX_LINE,
+        max_field_size=MAX_FIELD,
+        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep cookies between callers
+    )
+    # aiohttp silently resends idempotent requests once when a pooled connection turns
+    # out dead. Attempts are the retry layer's job, counted and bounded there, so an
+    # upstream sees exactly the attempts we report.
+    session._retry_connection = False
+    return session
+
+
+class Sidecar:
+    """A running sidecar. `start()` binds everything; `stop()` releases it."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.readiness = Readiness()
+        self._runners: list[web.BaseRunner] = []
+        self._session: aiohttp.ClientSession | None = None
+        # Listener address as configured -> the (host, port) actually bound (port 0 picks one).
+        self.bound: dict[Address, tuple[str, int]] = {}
+        self.admin_bound: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        self._session = session = client_session()
+        pickers = {upstream.name: RoundRobin(upstream) for upstream in self.config.upstreams}
+        routes = [
+            ActiveRoute(spec, route_stack(spec, session, pickers[spec.upstream.name]), self.metrics.route(spec.name))
+            for spec in self.config.routes
+        ]
+        unmatched = self.metrics.route(NO_ROUTE)
+        try:
+            for address in self.config.listeners:
+                listener = Listener([r for r in routes if r.spec.listen == address], unmatched)
+                server = web.Server(
+                    listener.handle, auto_decompress=False, access_log=None,
+                    max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
+                )
+                runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
+                self.bound[address] = await self._serve(runner, address)
+            admin = web.AppRunner(
+                admin_app(self.registry, self.readiness), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+            )
+            self.admin_bound = await self._serve(admin, self.config.admin_listen)
+        except BaseException:
+            await self.stop()
+            raise
+        self.readiness.ready = True
+
+    async def _serve(self, runner: web.BaseRunner, address: Address) -> tuple[str, int]:
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, address.host, address.port)
+        await site.start()
+        sockname = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+        return sockname[0], sockname[1]
+
+    async def stop(self) -> None:
+        self.readiness.ready = False
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def serve_until_stopped(sidecar: Sidecar, stop: asyncio.Event) -> None:
+    await sidecar.start()
+    for address, (host, port) in sidecar.bound.items():
+        log.info("listening on %s:%s (%s)", host, port, address)
+    log.info("admin on http://%s:%s", *(sidecar.admin_bound or ("?", 0)))
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.stop()
