@@ -2,6 +2,9 @@
 
     SidecarError                   a response the sidecar makes itself
     +-- NoRoute                    404 no_route: nothing matches; never forwarded
+    +-- CallerError                the caller broke off its own request body
+    |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
+    |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
     +-- UpstreamError              the upstream could not give us a response
         +-- ConnectFailure         502 connect_failure: TCP connect refused or timed out (provably unsent)
         +-- UpstreamReset          502 upstream_reset: connection dropped before response headers
@@ -36,6 +39,20 @@ class SidecarError(Exception):
 class NoRoute(SidecarError):
     kind = "no_route"
     status = 404
+
+
+class CallerError(SidecarError):
+    pass
+
+
+class RequestBodyTimeout(CallerError):
+    kind = "request_timeout"
+    status = 408
+
+
+class CallerGone(CallerError):
+    kind = "caller_gone"
+    status = 499
 
 
 class UpstreamError(SidecarError):

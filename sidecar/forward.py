@@ -14,7 +14,7 @@ from yarl import URL
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
 from sidecar.endpoints import RoundRobin
-from sidecar.errors import BadUpstreamResponse, ConnectFailure, UpstreamReset, UpstreamTimeout
+from sidecar.errors import BadUpstreamResponse, ConnectFailure, SidecarError, UpstreamReset, UpstreamTimeout
 
 
 def forwarder(route: RouteSpec, session: ClientSession, endpoints: RoundRobin) -> Handler:
@@ -51,5 +51,11 @@ def forwarder(route: RouteSpec, session: ClientSession, endpoints: RoundRobin) -
             raise BadUpstreamResponse(f"{endpoint.authority} sent an invalid response: {exc.message}") from exc
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamReset(f"sending the request body to {endpoint.authority} failed") from exc
+        except aiohttp.ClientConnectionError as exc:
+            # aiohttp wraps a failure of our request body stream (the caller stalled or
+            # left) in a connection error: answer for the caller's failure, not the upstream's.
+            if isinstance(exc.__cause__, SidecarError):
+                raise exc.__cause__ from None
+            raise UpstreamReset(f"the connection to {endpoint.authority} failed: {exc}") from exc
 
     return forward

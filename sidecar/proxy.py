@@ -11,7 +11,7 @@ from aiohttp import StreamReader, web
 
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
-from sidecar.errors import NoRoute, SidecarError, error_response
+from sidecar.errors import CallerGone, NoRoute, RequestBodyTimeout, SidecarError, error_response
 from sidecar.headers import request_id_of, upstream_request_headers
 from sidecar.metrics import RouteMetrics
 from sidecar.relay import relay
@@ -66,10 +66,19 @@ def upstream_target(spec: RouteSpec, raw_path: str) -> str:
 
 
 async def request_body(content: StreamReader, idle: float) -> AsyncIterator[bytes]:
-    """The caller's body as it arrives; a caller silent for `idle` mid-body ends the request."""
+    """The caller's body as it arrives; a caller silent for `idle` mid-body ends the request.
+
+    Failures are raised as our own errors (not OSError) so the forward step can tell
+    the caller's failure from the upstream's.
+    """
     while True:
-        async with asyncio.timeout(idle):
-            chunk = await content.readany()
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise RequestBodyTimeout(f"the request body was silent for more than {idle:g}s") from None
+        except ConnectionError:
+            raise CallerGone("the caller closed the connection while sending the body") from None
         if not chunk:
             return
         yield chunk
@@ -106,7 +115,10 @@ class Listener:
                 upstream = await route.handler(call)
             except SidecarError as error:
                 status = error.status
-                return error_response(error, spec.name, request_id)
+                response = error_response(error, spec.name, request_id)
+                if call.body is not None and not request.content.is_eof():
+                    response.force_close()  # the rest of the body is not worth reading
+                return response
             except Exception:
                 log.exception("unexpected error on route %s (request %s)", spec.name, request_id)
                 return error_response(SidecarError("the sidecar failed unexpectedly"), spec.name, request_id)

@@ -1,0 +1,61 @@
+"""A minimal aiohttp upstream for the benchmark, used when nginx is not installed.
+
+Run as `python bench/fast_upstream.py PORT`. Every request gets `200` with a fixed 1 KiB body, so the
+upstream does as little work as aiohttp allows and the sidecar's overhead stands out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+BODY = b"x" * 1024
+# The bench kills us; this cap only matters if it could not (e.g. it was SIGKILLed), so we never linger.
+MAX_LIFETIME_S = 3600.0
+
+
+async def handle(request: web.Request) -> web.Response:
+    return web.Response(body=BODY, content_type="text/plain")
+
+
+async def serve(port: int) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    # No access log: formatting a log line per request would cost more than the handler itself.
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), MAX_LIFETIME_S)
+    except TimeoutError:
+        pass
+    finally:
+        await runner.cleanup()
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: the fallback upstream should be as fast as we can make it."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("port", type=int)
+    args = parser.parse_args()
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Real servers on 127.0.0.1 for every test: a scriptable misbehaving upstream and the sidecar.
+
+Servers run on our own AppRunner/TCPSite (not pytest-aiohttp's TestServer) so they behave
+as in production (TestServer forces handler_cancellation=True). Readiness is a bound
+socket, never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from prometheus_client import CollectorRegistry
+
+from sidecar.config import Address, parse_config
+from sidecar.server import Sidecar
+
+Behaviour = Callable[[web.BaseRequest, "Hit"], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Hit:
+    """One request as the upstream saw it."""
+
+    method: str
+    target: str  # raw path and query, exactly as received
+    headers: CIMultiDictProxy[str]
+    peer: tuple[str, int]
+    body: bytes = b""
+
+
+async def echo(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+    """Default behaviour: read the body, answer 200 `upstream <name>: <method> <target>`."""
+    hit.body = await request.content.read()
+    return web.Response(text=f"{request.method} {hit.target}")
+
+
+@dataclass
+class Upstream:
+    """A real HTTP server whose answer per path is a script of behaviours (the last one repeats)."""
+
+    name: str
+    hits: list[Hit] = field(default_factory=list)
+    scripts: dict[str, list[Behaviour]] = field(default_factory=dict)
+    url: str = ""
+    port: int = 0
+
+    def on(self, path: str, *behaviours: Behaviour) -> None:
+        self.scripts[path] = list(behaviours)
+
+    def hits_for(self, path: str) -> list[Hit]:
+        return [hit for hit in self.hits if hit.target.split("?")[0] == path]
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else ("", 0)
+        hit = Hit(request.method, request.raw_path, request.headers.copy(), tuple(peer[:2]))  # type: ignore[arg-type]
+        self.hits.append(hit)
+        script = self.scripts.get(request.path) or [echo]
+        behaviour = script.pop(0) if len(script) > 1 else script[0]
+        return await behaviour(request, hit)
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[Callable[[str], Awaitable[Upstream]]]:
+    runners: list[web.BaseRunner] = []
+
+    async def make(name: str = "up") -> Upstream:
+        upstream = Upstream(name)
+        runner = web.ServerRunner(web.Server(upstream.handle, auto_decompress=False), shutdown_timeout=0.5)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        upstream.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        upstream.url = f"http://127.0.0.1:{upstream.port}"
+        return upstream
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def upstream(upstream_factory: Callable[[str], Awaitable[Upstream]]) -> Upstream:
+    return await upstream_factory("up")
+
+
+class RunningSidecar:
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+        self.registry: CollectorRegistry = sidecar.registry
+        host, port = sidecar.bound[sidecar.config.listen]
+        self.url = f"http://{host}:{port}"
+        self.port = port
+        admin_host, admin_port = sidecar.admin_bound or ("", 0)
+        self.admin = f"http://{admin_host}:{admin_port}"
+
+    def listener_url(self, address: str) -> str:
+        host, port = address.rsplit(":", 1)
+        bound = self.sidecar.bound[Address(host, int(port))]
+        return f"http://{bound[0]}:{bound[1]}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
+
+
+@pytest.fixture
+async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
+    """Start a sidecar from YAML text; `listen` and `admin` default to ephemeral loopback ports."""
+    started: list[Sidecar] = []
+
+    async def make(text: str, env: dict[str, str] | None = None) -> RunningSidecar:
+        text = textwrap.dedent(text)
+        if "\nlisten:" not in "\n" + text:
+            text = "listen: 127.0.0.1:0\n" + text
+        if "admin:" not in text:
+            text = "admin: {listen: 127.0.0.1:0}\n" + text
+        sidecar = Sidecar(parse_config(text, env or {}), CollectorRegistry())
+        await sidecar.start()
+        started.append(sidecar)
+        return RunningSidecar(sidecar)
+
+    yield make
+    for sidecar in started:
+        await sidecar.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A caller that shows bytes as they came (no decompression, no added headers)."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding")
+    ) as session:
+        yield session
+
+
+async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and read until the server closes (send Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+def route_yaml(upstream_url: str, extra: str = "") -> str:
+    """A one-route config sending everything to `upstream_url`."""
+    return f"""
+upstreams:
+  up: {{endpoints: ["{upstream_url}"]}}
+routes:
+  - name: main
+    match: {{path_prefix: /}}
+    upstream: up
+{textwrap.indent(textwrap.dedent(extra), "    ")}
+"""

@@ -1,0 +1,262 @@
+"""Failures: each broken upstream gets the caller a clear answer, and a truncated body never looks whole."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import Hit, SidecarFactory, Upstream, raw_exchange, route_yaml
+
+
+def error_body(kind: str, message: str, retryable: bool, route: str = "main") -> dict[str, object]:
+    return {"error": kind, "message": message, "route": route, "retryable": retryable}
+
+
+async def test_refused_connection_is_502_connect_failure(
+    sidecar_factory: SidecarFactory, client: aiohttp.ClientSession, unused_tcp_port: int
+) -> None:
+    proxy = await sidecar_factory(route_yaml(f"http://127.0.0.1:{unused_tcp_port}"))
+    async with client.get(proxy.url + "/") as response:
+        assert response.status == 502
+        assert response.headers["x-sidecar-error"] == "connect_failure"
+        body = await response.json()
+    assert body["error"] == "connect_failure" and body["retryable"] is True and body["route"] == "main"
+    assert f"127.0.0.1:{unused_tcp_port}" in body["message"]
+    assert proxy.metric("sidecar_requests_total", route="main", method="GET", code="502") == 1
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port whose accept queue is full, so a new TCP connect gets no answer (SYNs are dropped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the backlog; further SYNs are dropped
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in [*fillers, listener]:
+        sock.close()
+
+
+async def test_connect_timeout_is_502_connect_failure(
+    sidecar_factory: SidecarFactory, client: aiohttp.ClientSession, blackhole: int
+) -> None:
+    proxy = await sidecar_factory(route_yaml(f"http://127.0.0.1:{blackhole}", """
+        timeouts: {connect: 100ms, per_try: 5s}
+    """))
+    async with client.get(proxy.url + "/") as response:
+        assert response.status == 502
+        body = await response.json()
+    assert body == error_body("connect_failure", f"connect to 127.0.0.1:{blackhole} timed out after 0.1s", True)
+
+
+async def test_reset_before_headers_is_502_upstream_reset(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    async def drop(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    upstream.on("/drop", drop)
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    async with client.post(proxy.url + "/drop", data=b"once") as response:
+        assert response.status == 502
+        assert response.headers["x-sidecar-error"] == "upstream_reset"
+        body = await response.json()
+    assert body == error_body(
+        "upstream_reset", f"127.0.0.1:{upstream.port} closed the connection before response headers", True
+    )
+    assert len(upstream.hits) == 1
+
+
+@pytest.fixture
+async def garbage_server() -> AsyncIterator[int]:
+    """A TCP server that answers every request with bytes that are not HTTP."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SMTP ready, not HTTP at all\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+async def test_garbage_response_is_502_bad_upstream_response(
+    sidecar_factory: SidecarFactory, client: aiohttp.ClientSession, garbage_server: int
+) -> None:
+    proxy = await sidecar_factory(route_yaml(f"http://127.0.0.1:{garbage_server}"))
+    async with client.get(proxy.url + "/") as response:
+        assert response.status == 502
+        assert response.headers["x-sidecar-error"] == "bad_upstream_response"
+        body = await response.json()
+    assert body["error"] == "bad_upstream_response" and body["retryable"] is False
+
+
+async def slow_headers(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+    await asyncio.sleep(2)
+    return web.Response(text="too late")
+
+
+async def test_per_try_timeout_is_504_timeout(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    upstream.on("/slow", slow_headers)
+    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {per_try: 100ms, total: 10s}"))
+    async with client.get(proxy.url + "/slow") as response:
+        assert response.status == 504
+        assert response.headers["x-sidecar-error"] == "timeout"
+        body = await response.json()
+    assert body == error_body("timeout", f"127.0.0.1:{upstream.port} sent no response headers within 0.1s", True)
+
+
+async def test_total_timeout_below_per_try_bounds_the_attempt(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    upstream.on("/slow", slow_headers)
+    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {per_try: 10s, total: 150ms}"))
+    async with client.get(proxy.url + "/slow") as response:
+        assert response.status == 504
+        body = await response.json()
+    assert body["error"] == "timeout"
+    assert "within 0.15s" in body["message"]
+
+
+async def test_per_try_defaults_to_total(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    upstream.on("/slow", slow_headers)
+    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {total: 120ms}"))
+    async with client.get(proxy.url + "/slow") as response:
+        assert response.status == 504
+        assert "within 0.12s" in (await response.json())["message"]
+
+
+async def test_reset_mid_body_aborts_the_caller_connection(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    async def die_mid_body(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async def die_mid_chunked(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"y" * 100)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    upstream.on("/sized", die_mid_body)
+    upstream.on("/chunked", die_mid_chunked)
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    for path in ("/sized", "/chunked"):
+        async with client.get(proxy.url + path) as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+
+
+async def test_stream_silent_longer_than_idle_is_cut(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    async def stall(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await asyncio.sleep(3)
+        await response.write(b"data: never\n\n")
+        return response
+
+    upstream.on("/stall", stall)
+    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {idle: 200ms}"))
+    async with client.get(proxy.url + "/stall") as response:
+        assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+
+async def test_stream_with_traffic_outlives_total_and_idle(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    async def ticking(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for number in range(8):
+            await response.write(f"data: {number}\n\n".encode())
+            await asyncio.sleep(0.05)
+        return response
+
+    upstream.on("/ticks", ticking)
+    # The stream lasts ~400ms: longer than total (until headers) and than idle (between chunks).
+    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {total: 150ms, idle: 150ms}"))
+    async with client.get(proxy.url + "/ticks") as response:
+        body = await response.read()
+    assert body == b"".join(f"data: {number}\n\n".encode() for number in range(8))
+
+
+async def test_caller_silent_mid_upload_ends_the_request_and_upstream_sees_it_incomplete(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    upload_failed = asyncio.Event()
+
+    async def reader(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        try:
+            hit.body = await request.content.read()
+        except Exception:
+            upload_failed.set()
+            raise
+        return web.Response(text="complete?")
+
+    upstream.on("/upload", reader)
+    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {idle: 150ms}"))
+    opened = await asyncio.open_connection("127.0.0.1", proxy.port)
+    reader_stream, writer = opened
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"z" * 10)
+    await writer.drain()
+    async with asyncio.timeout(5):
+        head = await reader_stream.readuntil(b"\r\n\r\n")
+        await upload_failed.wait()
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"x-sidecar-error: request_timeout" in head
+    assert b"Connection: close" in head
+    assert upstream.hits[0].body == b""
+
+
+async def test_dropped_pooled_connection_is_not_silently_resent(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """aiohttp's client would resend a GET once on a dead pooled connection; attempts are ours to count."""
+
+    async def drop(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    upstream.on("/drop", drop)
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    async with client.get(proxy.url + "/warm") as response:  # leaves a pooled connection
+        assert response.status == 200
+    async with client.get(proxy.url + "/drop") as response:
+        assert response.status == 502
+    assert [hit.target for hit in upstream.hits] == ["/warm", "/drop"]
+    assert upstream.hits[0].peer == upstream.hits[1].peer
