@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import yaml
 
 from sidecar import __version__
 from sidecar.config import ConfigError, load_config
-from sidecar.config.describe import describe
+from sidecar.config.describe import describe, json_schema
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a config and print every route's effective policy")
     check.add_argument("path")
 
+    commands.add_parser("schema", help="print the JSON Schema of the config file")
+
     demo = commands.add_parser("demo", help="run a misbehaving demo upstream with the sidecar in front of it")
     demo.add_argument("--listen", default="127.0.0.1:15001", help="sidecar traffic address")
     demo.add_argument("--admin", default="127.0.0.1:9901", help="sidecar admin address")
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # bad requests are answered, not logged
     if args.command == "check":
         return _check(args.path)
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
     if args.command == "run":
         if not args.config:
             parser.error("run needs --config PATH (or SIDECAR_CONFIG)")

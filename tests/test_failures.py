@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Hit, SidecarFactory, Upstream, raw_exchange, route_yaml
+from tests.conftest import Hit, SidecarFactory, Upstream, route_yaml
 
 
 def error_body(kind: str, message: str, retryable: bool, route: str = "main") -> dict[str, object]:

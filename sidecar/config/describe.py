@@ -37,3 +37,13 @@ def describe(config: Config) -> dict[str, Any]:
             for route in config.routes
         ],
     }
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file, for editors; published as docs/config.schema.json."""
+    from sidecar.config.schema import Document
+    from sidecar.config.units import schema_hook
+
+    schema = msgspec.json.schema(Document, schema_hook=schema_hook)
+    schema["title"] = "sidecar config"
+    return schema

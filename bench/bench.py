@@ -1,0 +1,644 @@
+"""Benchmark the sidecar: one fast upstream, measured directly and through the sidecar, in one run.
+
+    python bench/bench.py [--duration 10] [--rate 1000] [--connections 64] [--loop asyncio|uvloop]
+                          [--upstream auto|nginx|aiohttp] [--loadgen auto|python] [--no-pin] [--json]
+
+Everything listens on 127.0.0.1 only, every phase is bounded in time, and every child process is killed on the
+way out (normal exit, exception, Ctrl-C, SIGTERM). Progress goes to stderr; the table (or JSON) to stdout.
+Exit status: 0 when every request got a 2xx, 1 when some did not (the table is still printed), 2 on setup errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BODY_SIZE = 1024
+READY_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+# How long a load generator may run past its own --duration before we treat it as hung and kill it.
+TOOL_GRACE_S = 30.0
+# hey rate-limits per worker (-q), so the total rate is split across this many workers.
+HEY_WORKERS = 10
+# Bounds on the options, so a typo cannot start an hour-long or machine-melting run.
+MAX_DURATION_S = 600
+MAX_RATE = 100_000
+MAX_CONNECTIONS = 1024
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+class BenchError(Exception):
+    """Setup failed (a server did not start, a tool crashed): no numbers to show."""
+
+
+def progress(message: str) -> None:
+    # stderr, so that `--json` leaves stdout machine-readable.
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- child processes -------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec. If the bench is SIGKILLed its `finally` never runs; with
+    PDEATHSIG the kernel still kills the child, so no server outlives the bench."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Processes:
+    """Owns every child. Each one runs in its own session (= process group), so one killpg also takes down
+    whatever it forked (nginx's worker, taskset's exec'd command keeps the pid anyway). A context manager,
+    so cleanup happens on any way out of the `with`."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for proc in reversed(self._children):
+            stop_process(proc)
+
+    def log_path(self, name: str) -> Path:
+        return self.logdir / f"{name}.log"
+
+    def start_server(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        # Output goes to a file, not a pipe: a pipe nobody drains fills up and blocks the server mid-run.
+        with open(self.log_path(name), "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=REPO, start_new_session=True, preexec_fn=_die_with_parent)
+        self._children.append(proc)
+        return proc
+
+    def run_tool(self, argv: Sequence[str], timeout: float) -> str:
+        """Run a load generator to completion and return its stdout; raise if it fails or hangs."""
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        self._children.append(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{argv[0]} still running after {timeout:.0f}s: killed") from exc
+        finally:
+            stop_process(proc)
+            self._children.remove(proc)
+        if proc.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
+        return out.decode(errors="replace")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the group, give it STOP_TIMEOUT_S to exit cleanly, then SIGKILL whatever is left."""
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(STOP_TIMEOUT_S)
+    # The leader may be gone while group members (nginx's worker) are not. The kernel keeps a pid reserved
+    # while it is some group's id, so this cannot hit an unrelated process.
+    _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def free_port() -> int:
+    # Small race (the port could be taken before the server binds it); on loopback in a bench, acceptable.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
+    """Status and body, or None when nothing answered (yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    """Poll `url` until it answers 200: bounded by READY_TIMEOUT_S, and fails fast if the process died."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode} while starting:\n{log_tail(log)}")
+        answer = http_get(url, timeout=0.5)
+        if answer is not None and answer[0] == 200:
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{what} not ready at {url} after {READY_TIMEOUT_S:.0f}s:\n{log_tail(log)}")
+
+
+def check_response(url: str, what: str) -> None:
+    """One request before measuring: a 200 with the 1 KiB body, so we benchmark the path we think we do."""
+    answer = http_get(url, timeout=2.0)
+    if answer is None or answer[0] != 200 or len(answer[1]) != BODY_SIZE:
+        got = "no answer" if answer is None else f"status {answer[0]}, {len(answer[1])} body bytes"
+        raise BenchError(f"{what} at {url}: expected 200 with {BODY_SIZE} body bytes, got {got}")
+
+
+# --- CPU pinning -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPU the load side (upstream + load generator) and the sidecar get; None = not pinned.
+
+    The sidecar gets a core to itself so its CPU cost is not blurred by the load generator competing for it.
+    """
+
+    load_cpu: int | None
+    sidecar_cpu: int | None
+
+    @classmethod
+    def detect(cls, enabled: bool) -> Pinning:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not enabled or shutil.which("taskset") is None or len(cpus) < 2:
+            return cls(None, None)
+        return cls(cpus[0], cpus[1])
+
+    @staticmethod
+    def prefix(cpu: int | None) -> list[str]:
+        return [] if cpu is None else ["taskset", "-c", str(cpu)]
+
+    def describe(self) -> str:
+        if self.load_cpu is None:
+            return "none"
+        return f"upstream+loadgen on CPU {self.load_cpu}, sidecar on CPU {self.sidecar_cpu} (taskset)"
+
+
+# --- upstream and sidecar --------------------------------------------------------------------------------
+
+
+def nginx_conf(tmp: Path, port: int) -> str:
+    body = "x" * BODY_SIZE
+    # All paths in the temp dir, so nginx needs nothing from /var and leaves nothing behind. keepalive_requests
+    # is raised because nginx's default (1000) would close wrk's connections mid-run and measure reconnects.
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "{body}";
+        }}
+    }}
+}}
+"""
+
+
+def nginx_version(binary: str) -> str:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    match = re.search(r"nginx/(\S+)", out.stderr + out.stdout)
+    return f"nginx {match.group(1)}" if match else "nginx"
+
+
+def start_upstream(kind: str, procs: Processes, port: int, pin: Pinning) -> str:
+    """Start the fast upstream on `port`; return a label saying what it is."""
+    nginx = shutil.which("nginx")
+    if kind == "nginx" and nginx is None:
+        raise BenchError("--upstream nginx: no nginx binary on PATH")
+    if kind != "aiohttp" and nginx is not None:
+        conf = procs.logdir / "nginx.conf"
+        conf.write_text(nginx_conf(procs.logdir, port))
+        # -e: nginx opens its compiled-in error log before reading the config; point that at the temp dir too.
+        argv = [nginx, "-p", str(procs.logdir), "-c", str(conf), "-e", str(procs.logdir / "nginx-error.log")]
+        label = f"{nginx_version(nginx)} (1 worker)"
+    else:
+        argv = [sys.executable, str(HERE / "fast_upstream.py"), str(port)]
+        label = "aiohttp" + ("+uvloop" if importlib.util.find_spec("uvloop") else "") + " (1 process)"
+    proc = procs.start_server("upstream", Pinning.prefix(pin.load_cpu) + argv)
+    wait_ready(f"http://127.0.0.1:{port}/", proc, "upstream", procs.log_path("upstream"))
+    return label
+
+
+def sidecar_config(port: int, admin_port: int, upstream_port: int) -> str:
+    return f"""listen: 127.0.0.1:{port}
+admin: {{listen: 127.0.0.1:{admin_port}}}
+upstreams:
+  up: {{endpoints: [http://127.0.0.1:{upstream_port}]}}
+routes:
+  - name: bench
+    match: {{path_prefix: /}}
+    upstream: up
+"""
+
+
+def start_sidecar(procs: Processes, port: int, upstream_port: int, loop: str, pin: Pinning) -> int:
+    """Start the sidecar, wait for /readyz; return its pid (taskset execs, so the pid is python's)."""
+    admin_port = free_port()
+    config = procs.logdir / "sidecar.yaml"
+    config.write_text(sidecar_config(port, admin_port, upstream_port))
+    argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--loop", loop]
+    proc = procs.start_server("sidecar", Pinning.prefix(pin.sidecar_cpu) + argv)
+    wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc, "sidecar", procs.log_path("sidecar"))
+    return proc.pid
+
+
+def sidecar_log_problems(log: Path, limit: int = 10) -> list[str]:
+    """Warnings, errors and tracebacks the sidecar logged: under load there should be none."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    bad = [line for line in lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", line)]
+    return bad[:limit]
+
+
+# --- /proc -----------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (all its threads), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Field 2 (comm) is in parentheses and may contain spaces: split after its closing one.
+    # What follows starts at field 3 (state); utime and stime are fields 14 and 15.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024  # the kernel reports kB
+    return math.nan
+
+
+# --- load generators -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One measurement. `requests` counts responses of any status; `errors` counts requests with none."""
+
+    tool: str
+    requests: int
+    seconds: float
+    rps: float
+    non_2xx: int
+    errors: int
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+
+
+_WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)\b")
+_WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_wrk(text: str) -> Result:
+    total = _WRK_TOTAL.search(text)
+    if total is None:
+        raise BenchError(f"cannot parse wrk output:\n{text}")
+    requests, seconds = int(total.group(1)), float(total.group(2)) * _UNIT_S[total.group(3)]
+    socket_errors = _WRK_SOCKET.search(text)
+    non_2xx = _WRK_NON2XX.search(text)
+    return Result(
+        tool="wrk",
+        requests=requests,
+        seconds=seconds,
+        rps=requests / seconds if seconds else 0.0,
+        # wrk counts a 4xx/5xx as "Non-2xx or 3xx"; read/connect/write/timeout errors are requests that failed.
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        errors=sum(int(n) for n in socket_errors.groups()) if socket_errors else 0,
+    )
+
+
+_HEY_TOTAL = re.compile(r"Total:\s+([\d.]+) secs")
+_HEY_PCT = re.compile(r"^\s*(\d+)% in ([\d.]+) secs", re.MULTILINE)
+_HEY_COUNT = re.compile(r"^\s*\[(\d+)\]\s+(\d+)", re.MULTILINE)
+
+
+def parse_hey(text: str) -> Result:
+    total = _HEY_TOTAL.search(text)
+    if total is None:
+        raise BenchError(f"cannot parse hey output:\n{text}")
+    seconds = float(total.group(1))
+    percentiles = {int(p): float(s) * 1000 for p, s in _HEY_PCT.findall(text)}
+    # "[200] 4999 responses" under "Status code distribution:", "[12] Get ...: error" under "Error distribution:".
+    statuses, _, error_part = text.partition("Error distribution:")
+    by_status = {int(code): int(n) for code, n in _HEY_COUNT.findall(statuses.split("Status code distribution:")[-1])}
+    requests = sum(by_status.values())
+    return Result(
+        tool="hey",
+        requests=requests,
+        seconds=seconds,
+        rps=requests / seconds if seconds else 0.0,
+        non_2xx=sum(n for code, n in by_status.items() if not 200 <= code < 300),
+        errors=sum(int(count) for count, _ in _HEY_COUNT.findall(error_part)),
+        # hey prints 4 decimals of seconds: 0.1 ms resolution. A missing line (too few samples) stays NaN.
+        p50_ms=percentiles.get(50, math.nan),
+        p99_ms=percentiles.get(99, math.nan),
+    )
+
+
+def parse_pyload(text: str) -> Result:
+    data: dict[str, Any] = json.loads(text)
+    return Result(tool=str(data["tool"]), requests=int(data["requests"]), seconds=float(data["seconds"]),
+                  rps=float(data["rps"]), non_2xx=int(data["non_2xx"]), errors=int(data["errors"]),
+                  p50_ms=float(data.get("p50_ms", math.nan)), p99_ms=float(data.get("p99_ms", math.nan)))
+
+
+@dataclass(frozen=True)
+class LoadGen:
+    """Which tool runs which measurement; each falls back to pyload.py on its own."""
+
+    throughput_tool: str  # "wrk" or "python"
+    latency_tool: str  # "hey" or "python"
+    procs: Processes
+    pin: Pinning
+
+    @classmethod
+    def choose(cls, mode: str, procs: Processes, pin: Pinning) -> LoadGen:
+        wrk = "wrk" if mode == "auto" and shutil.which("wrk") else "python"
+        hey = "hey" if mode == "auto" and shutil.which("hey") else "python"
+        return cls(wrk, hey, procs, pin)
+
+    def throughput(self, url: str, connections: int, duration: int) -> Result:
+        if self.throughput_tool == "wrk":
+            # One thread is plenty for wrk on loopback, and leaves the rest of the load core to the upstream.
+            argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", url]
+            return parse_wrk(self._run(argv, duration))
+        argv = self._pyload("throughput", url, "--connections", str(connections), "--duration", str(duration))
+        return parse_pyload(self._run(argv, duration))
+
+    def latency(self, url: str, rate: float, duration: int, connections: int) -> Result:
+        if self.latency_tool == "hey":
+            per_worker = rate / HEY_WORKERS
+            argv = ["hey", "-z", f"{duration}s", "-c", str(HEY_WORKERS), "-q", f"{per_worker:g}", url]
+            return parse_hey(self._run(argv, duration))
+        argv = self._pyload("latency", url, "--rate", f"{rate:g}", "--duration", str(duration),
+                            "--connections", str(connections))
+        return parse_pyload(self._run(argv, duration))
+
+    def _pyload(self, *args: str) -> list[str]:
+        return [sys.executable, str(HERE / "pyload.py"), *args]
+
+    def _run(self, argv: list[str], duration: int) -> str:
+        return self.procs.run_tool(Pinning.prefix(self.pin.load_cpu) + argv, timeout=duration + TOOL_GRACE_S)
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """All measurements of one target (the upstream directly, or through the sidecar)."""
+
+    throughput: Result
+    latency: Result
+    cpu_us_per_request: float = math.nan
+    cpu_busy_pct: float = math.nan  # share of one core during the throughput run: ~100 means CPU-bound
+    rss_mib: float = math.nan
+
+
+def measure(name: str, url: str, load: LoadGen, args: argparse.Namespace, pid: int | None) -> Target:
+    """Warm-up, throughput at --connections (sampling `pid`'s CPU around it), then latency at --rate."""
+    if args.warmup > 0:
+        # Opens the keep-alive connections and warms caches, so neither counts against the measured run.
+        progress(f"{name}: warm-up {args.warmup}s")
+        load.throughput(url, args.connections, args.warmup)
+    progress(f"{name}: throughput, {args.connections} connections, {args.duration}s ({load.throughput_tool})")
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    throughput = load.throughput(url, args.connections, args.duration)
+    cpu_used = cpu_seconds(pid) - cpu_before if pid else math.nan
+    progress(f"{name}: {throughput.rps:,.0f} req/s")
+    progress(f"{name}: latency at {args.rate:g} req/s, {args.duration}s ({load.latency_tool})")
+    latency = load.latency(url, args.rate, args.duration, args.connections)
+    progress(f"{name}: p50 {latency.p50_ms:.2f} ms, p99 {latency.p99_ms:.2f} ms")
+    target = Target(throughput, latency)
+    if pid:
+        target.cpu_us_per_request = cpu_used / throughput.requests * 1e6 if throughput.requests else math.nan
+        target.cpu_busy_pct = cpu_used / throughput.seconds * 100 if throughput.seconds else math.nan
+        target.rss_mib = rss_mib(pid)
+    return target
+
+
+def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    pin = Pinning.detect(not args.no_pin)
+    load = LoadGen.choose(args.loadgen, procs, pin)
+    upstream_port, sidecar_port = free_port(), free_port()
+    progress(f"starting upstream on 127.0.0.1:{upstream_port}")
+    upstream = start_upstream(args.upstream, procs, upstream_port, pin)
+    direct_url = f"http://127.0.0.1:{upstream_port}/"
+    check_response(direct_url, "upstream")
+    # Started before the direct run so a broken sidecar fails the bench in seconds, not after a full run.
+    progress(f"starting sidecar on 127.0.0.1:{sidecar_port} (loop {args.loop}), waiting for /readyz")
+    sidecar_pid = start_sidecar(procs, sidecar_port, upstream_port, args.loop, pin)
+    sidecar_url = f"http://127.0.0.1:{sidecar_port}/"
+    check_response(sidecar_url, "sidecar")
+
+    direct = measure("direct", direct_url, load, args, None)
+    sidecar = measure("sidecar", sidecar_url, load, args, sidecar_pid)
+    alive = Path(f"/proc/{sidecar_pid}").exists()
+    return {
+        "config": {
+            "duration_s": args.duration, "warmup_s": args.warmup, "rate": args.rate,
+            "connections": args.connections, "loop": args.loop, "upstream": upstream,
+            "throughput_tool": load.throughput_tool, "latency_tool": load.latency_tool,
+            "pinning": pin.describe(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+        },
+        "direct": direct,
+        "sidecar": sidecar,
+        "sidecar_alive": alive,
+        "sidecar_log_problems": sidecar_log_problems(procs.log_path("sidecar")),
+    }
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+
+def ratio(sidecar: float, direct: float) -> float:
+    if math.isnan(sidecar) or math.isnan(direct) or direct == 0:
+        return math.nan
+    return sidecar / direct
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, float, float, float | None]]:
+    """(metric, direct, sidecar, ratio); a ratio of None means a sidecar-only metric."""
+    d: Target = report["direct"]
+    s: Target = report["sidecar"]
+    conns, rate = report["config"]["connections"], report["config"]["rate"]
+    out: list[tuple[str, float, float, float | None]] = []
+    for label, dv, sv in (
+        (f"throughput, req/s ({conns} conns)", d.throughput.rps, s.throughput.rps),
+        ("  responses, non-2xx", d.throughput.non_2xx, s.throughput.non_2xx),
+        ("  failed requests (no response)", d.throughput.errors, s.throughput.errors),
+        (f"latency p50, ms (@{rate:g} req/s)", d.latency.p50_ms, s.latency.p50_ms),
+        (f"latency p99, ms (@{rate:g} req/s)", d.latency.p99_ms, s.latency.p99_ms),
+        ("  achieved rate, req/s", d.latency.rps, s.latency.rps),
+        ("  responses, non-2xx", d.latency.non_2xx, s.latency.non_2xx),
+        ("  failed requests (no response)", d.latency.errors, s.latency.errors),
+    ):
+        out.append((label, float(dv), float(sv), ratio(float(sv), float(dv))))
+    out.append(("sidecar CPU per request, us", math.nan, s.cpu_us_per_request, None))
+    out.append(("sidecar CPU busy, % of 1 core", math.nan, s.cpu_busy_pct, None))
+    out.append(("sidecar RSS after run, MiB", math.nan, s.rss_mib, None))
+    return out
+
+
+def fmt(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if abs(value) >= 1000 or value == int(value):  # counts and big rates: no fake precision
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [
+        f"upstream: {cfg['upstream']}; sidecar loop: {cfg['loop']}; pinning: {cfg['pinning']}",
+        f"load: throughput by {cfg['throughput_tool']}, latency by {cfg['latency_tool']}; "
+        f"{cfg['duration_s']}s per measurement after {cfg['warmup_s']}s warm-up; python {cfg['python']}",
+        "",
+        f"{'metric':<36} {'direct':>12} {'sidecar':>12} {'ratio':>8}",
+        "-" * 71,
+    ]
+    for label, dv, sv, r in rows(report):
+        lines.append(f"{label:<36} {fmt(dv):>12} {fmt(sv):>12} {'' if r is None else fmt(r):>8}")
+    lines.append("ratio = sidecar / direct")
+    return "\n".join(lines)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    def clean(value: Any) -> Any:
+        # NaN is not JSON: say "not measured" as null.
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    data = {k: asdict(v) if isinstance(v, Target) else v for k, v in report.items()}
+    data["ratios"] = {label.strip(): r for label, _, _, r in rows(report) if r is not None}
+    return json.dumps(clean(data), indent=2)
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Everything that makes the numbers suspect: failed or non-2xx requests, a dead or complaining sidecar."""
+    found = []
+    for name in ("direct", "sidecar"):
+        target: Target = report[name]
+        for phase, result in (("throughput", target.throughput), ("latency", target.latency)):
+            if result.non_2xx or result.errors:
+                found.append(f"{name} {phase}: {result.non_2xx} non-2xx responses, {result.errors} failed requests")
+    if not report["sidecar_alive"]:
+        found.append("the sidecar process died during the run")
+    found.extend(f"sidecar log: {line}" for line in report["sidecar_log_problems"])
+    return found
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def bounded(kind: type[int] | type[float], low: float, high: float) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark a fast upstream directly and through the sidecar.")
+    parser.add_argument("--duration", type=bounded(int, 1, MAX_DURATION_S), default=10,
+                        help="seconds per measurement (whole seconds: wrk takes no fractions; default 10)")
+    parser.add_argument("--warmup", type=bounded(int, 0, 60), default=1, help="warm-up seconds per target (1)")
+    parser.add_argument("--rate", type=bounded(float, 1, MAX_RATE), default=1000.0,
+                        help="requests/s for the latency measurement (1000)")
+    parser.add_argument("--connections", type=bounded(int, 1, MAX_CONNECTIONS), default=64,
+                        help="keep-alive connections for the throughput measurement (64)")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="sidecar event loop")
+    parser.add_argument("--upstream", choices=("auto", "nginx", "aiohttp"), default="auto",
+                        help="auto: nginx if installed, else a minimal aiohttp server")
+    parser.add_argument("--loadgen", choices=("auto", "python"), default="auto",
+                        help="auto: wrk/hey where installed, else the aiohttp client in bench/pyload.py")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs with taskset")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return parser.parse_args(argv)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # SystemExit unwinds through the `with` blocks, so children are killed as on Ctrl-C.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        print("bench: --loop uvloop but uvloop is not installed (pip install -e '.[uvloop]')", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp, Processes(Path(tmp)) as procs:
+        try:
+            report = run(args, procs)
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
+    print(to_json(report) if args.json else table(report))
+    problems = failures(report)
+    for problem in problems:
+        print(f"WARNING: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
