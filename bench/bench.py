@@ -46,6 +46,8 @@ HEY_WORKERS = 10
 MAX_DURATION_S = 600
 MAX_RATE = 100_000
 MAX_CONNECTIONS = 1024
+# Above this share of CPU in use by others before the start, the results are flagged as noisy.
+BUSY_WARN_PCT = 10.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
@@ -300,6 +302,22 @@ def sidecar_log_problems(log: Path, limit: int = 10) -> list[str]:
 # --- /proc -----------------------------------------------------------------------------------------------
 
 
+def machine_busy_pct(sample_s: float = 1.0) -> float:
+    """Share of all CPUs busy over `sample_s` before we start, from /proc/stat. Anything else running on the
+    box (a test suite, a build) competes with the servers and skews every number, so we say so."""
+
+    def busy_total() -> tuple[int, int]:
+        ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle + iowait
+        return sum(ticks) - idle, sum(ticks)
+
+    busy0, total0 = busy_total()
+    time.sleep(sample_s)
+    busy1, total1 = busy_total()
+    return (busy1 - busy0) / (total1 - total0) * 100 if total1 > total0 else math.nan
+
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of `pid` (all its threads), from /proc/<pid>/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -468,6 +486,9 @@ def measure(name: str, url: str, load: LoadGen, args: argparse.Namespace, pid: i
 
 
 def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    busy = machine_busy_pct()
+    if busy > BUSY_WARN_PCT:
+        progress(f"WARNING: the machine is already {busy:.0f}% busy before the bench starts: numbers will be noisy")
     pin = Pinning.detect(not args.no_pin)
     load = LoadGen.choose(args.loadgen, procs, pin)
     upstream_port, sidecar_port = free_port(), free_port()
@@ -490,6 +511,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
             "connections": args.connections, "loop": args.loop, "upstream": upstream,
             "throughput_tool": load.throughput_tool, "latency_tool": load.latency_tool,
             "pinning": pin.describe(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+            "machine_busy_before_pct": busy,
         },
         "direct": direct,
         "sidecar": sidecar,
@@ -507,49 +529,56 @@ def ratio(sidecar: float, direct: float) -> float:
     return sidecar / direct
 
 
-def rows(report: dict[str, Any]) -> list[tuple[str, float, float, float | None]]:
-    """(metric, direct, sidecar, ratio); a ratio of None means a sidecar-only metric."""
+@dataclass(frozen=True)
+class Row:
+    label: str
+    direct: float
+    sidecar: float
+    ratio_key: str | None = None  # set on the rows where sidecar/direct means something; the JSON key
+
+
+def rows(report: dict[str, Any]) -> list[Row]:
     d: Target = report["direct"]
     s: Target = report["sidecar"]
     conns, rate = report["config"]["connections"], report["config"]["rate"]
-    out: list[tuple[str, float, float, float | None]] = []
-    for label, dv, sv in (
-        (f"throughput, req/s ({conns} conns)", d.throughput.rps, s.throughput.rps),
-        ("  responses, non-2xx", d.throughput.non_2xx, s.throughput.non_2xx),
-        ("  failed requests (no response)", d.throughput.errors, s.throughput.errors),
-        (f"latency p50, ms (@{rate:g} req/s)", d.latency.p50_ms, s.latency.p50_ms),
-        (f"latency p99, ms (@{rate:g} req/s)", d.latency.p99_ms, s.latency.p99_ms),
-        ("  achieved rate, req/s", d.latency.rps, s.latency.rps),
-        ("  responses, non-2xx", d.latency.non_2xx, s.latency.non_2xx),
-        ("  failed requests (no response)", d.latency.errors, s.latency.errors),
-    ):
-        out.append((label, float(dv), float(sv), ratio(float(sv), float(dv))))
-    out.append(("sidecar CPU per request, us", math.nan, s.cpu_us_per_request, None))
-    out.append(("sidecar CPU busy, % of 1 core", math.nan, s.cpu_busy_pct, None))
-    out.append(("sidecar RSS after run, MiB", math.nan, s.rss_mib, None))
-    return out
+    nan = math.nan
+    return [
+        Row(f"throughput, req/s ({conns} conns)", d.throughput.rps, s.throughput.rps, "throughput_rps"),
+        Row("  non-2xx responses", d.throughput.non_2xx, s.throughput.non_2xx),
+        Row("  failed requests (no response)", d.throughput.errors, s.throughput.errors),
+        Row(f"latency p50, ms (@{rate:g} req/s)", d.latency.p50_ms, s.latency.p50_ms, "latency_p50_ms"),
+        Row(f"latency p99, ms (@{rate:g} req/s)", d.latency.p99_ms, s.latency.p99_ms, "latency_p99_ms"),
+        Row("  achieved rate, req/s", d.latency.rps, s.latency.rps),
+        Row("  non-2xx responses", d.latency.non_2xx, s.latency.non_2xx),
+        Row("  failed requests (no response)", d.latency.errors, s.latency.errors),
+        Row("sidecar CPU per request, us", nan, s.cpu_us_per_request),
+        Row("sidecar CPU busy, % of 1 core", nan, s.cpu_busy_pct),
+        Row("sidecar RSS after run, MiB", nan, s.rss_mib),
+    ]
 
 
 def fmt(value: float) -> str:
+    if isinstance(value, int):  # a count
+        return f"{value:,}"
     if math.isnan(value):
         return "-"
-    if abs(value) >= 1000 or value == int(value):  # counts and big rates: no fake precision
-        return f"{value:,.0f}"
-    return f"{value:.2f}"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"  # big rates: no fake precision
 
 
 def table(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
         f"upstream: {cfg['upstream']}; sidecar loop: {cfg['loop']}; pinning: {cfg['pinning']}",
-        f"load: throughput by {cfg['throughput_tool']}, latency by {cfg['latency_tool']}; "
-        f"{cfg['duration_s']}s per measurement after {cfg['warmup_s']}s warm-up; python {cfg['python']}",
+        f"load: throughput by {report['direct'].throughput.tool}, latency by {report['direct'].latency.tool}; "
+        f"{cfg['duration_s']}s per measurement after {cfg['warmup_s']}s warm-up; python {cfg['python']}; "
+        f"machine {cfg['machine_busy_before_pct']:.0f}% busy before start",
         "",
         f"{'metric':<36} {'direct':>12} {'sidecar':>12} {'ratio':>8}",
         "-" * 71,
     ]
-    for label, dv, sv, r in rows(report):
-        lines.append(f"{label:<36} {fmt(dv):>12} {fmt(sv):>12} {'' if r is None else fmt(r):>8}")
+    for row in rows(report):
+        shown = fmt(ratio(row.sidecar, row.direct)) if row.ratio_key else ""
+        lines.append(f"{row.label:<36} {fmt(row.direct):>12} {fmt(row.sidecar):>12} {shown:>8}")
     lines.append("ratio = sidecar / direct")
     return "\n".join(lines)
 
@@ -566,7 +595,7 @@ def to_json(report: dict[str, Any]) -> str:
         return value
 
     data = {k: asdict(v) if isinstance(v, Target) else v for k, v in report.items()}
-    data["ratios"] = {label.strip(): r for label, _, _, r in rows(report) if r is not None}
+    data["ratios"] = {row.ratio_key: ratio(row.sidecar, row.direct) for row in rows(report) if row.ratio_key}
     return json.dumps(clean(data), indent=2)
 
 
@@ -633,10 +662,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            # The `with` still kills the children and removes the temp dir on the way out.
+            print("bench: interrupted", file=sys.stderr)
+            return 130
     print(to_json(report) if args.json else table(report))
     problems = failures(report)
     for problem in problems:
         print(f"WARNING: {problem}", file=sys.stderr)
+    if report["config"]["machine_busy_before_pct"] > BUSY_WARN_PCT:
+        # Noisy, not wrong: a warning, but it does not change the exit status.
+        print(f"WARNING: machine was {report['config']['machine_busy_before_pct']:.0f}% busy before the start",
+              file=sys.stderr)
     return 1 if problems else 0
 
 

@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import ClientResponse
 from multidict import CIMultiDict
 
+from sidecar.body import Body
+from sidecar.config import Endpoint
+
 
 @dataclass(slots=True)
 class Call:
-    """One request on its way upstream. Layers may tighten `deadline`; nothing else changes it."""
+    """One request on its way upstream, and what its attempts have learned so far."""
 
     method: str
     target: str  # raw path and query as the upstream should see them
-    headers: CIMultiDict[str]  # already cleaned of hop-by-hop headers
-    body: AsyncIterator[bytes] | None
+    headers: CIMultiDict[str]  # already cleaned of hop-by-hop and x-sidecar-* headers
+    body: Body
+    # What the caller asked for itself (x-sidecar-max-attempts, x-sidecar-timeout-ms):
+    # it may only tighten the route's policy.
+    max_attempts: int | None = None
+    timeout: float | None = None
     deadline: float = math.inf  # loop time by which response headers must have arrived
+    # Filled in by the forward step, read by retries and for the response headers.
+    attempts: int = 0
+    upstream_seconds: float = 0.0
+    endpoint: Endpoint | None = None  # the endpoint of the latest attempt
+    avoid: Endpoint | None = None  # an endpoint that just failed: pick another when there is one
 
 
 # A handler answers a call with the upstream's response, its body still unread,

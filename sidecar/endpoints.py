@@ -14,7 +14,11 @@ class RoundRobin:
         self._endpoints = upstream.endpoints
         self._next = 0
 
-    def pick(self) -> Endpoint:
+    def pick(self, avoid: Endpoint | None = None) -> Endpoint:
+        """The next endpoint in turn, skipping `avoid` (one that just failed) when another exists."""
         endpoint = self._endpoints[self._next % len(self._endpoints)]
         self._next += 1
+        if endpoint == avoid and len(self._endpoints) > 1:
+            endpoint = self._endpoints[self._next % len(self._endpoints)]
+            self._next += 1
         return endpoint

@@ -2,7 +2,8 @@
 
     SidecarError                   a response the sidecar makes itself
     +-- NoRoute                    404 no_route: nothing matches; never forwarded
-    +-- CallerError                the caller broke off its own request body
+    +-- CallerError                the caller's request is at fault
+    |   +-- BadRequest             400 bad_request: e.g. a malformed x-sidecar-* header
     |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
     +-- UpstreamError              the upstream could not give us a response
@@ -45,6 +46,11 @@ class CallerError(SidecarError):
     pass
 
 
+class BadRequest(CallerError):
+    kind = "bad_request"
+    status = 400
+
+
 class RequestBodyTimeout(CallerError):
     kind = "request_timeout"
     status = 408
@@ -78,12 +84,15 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
-def error_response(error: SidecarError, route: str | None, request_id: str | None = None) -> web.Response:
+def error_response(
+    error: SidecarError, route: str | None, request_id: str, attempts: int = 0, extra: dict[str, str] | None = None
+) -> web.Response:
     """The JSON body and headers of every response the sidecar makes itself."""
-    body = {"error": error.kind, "message": error.message, "route": route, "retryable": error.retryable}
-    headers = {ERROR_HEADER: error.kind}
-    if request_id:
-        headers["x-request-id"] = request_id
+    body = {
+        "error": error.kind, "message": error.message, "route": route, "retryable": error.retryable,
+        "attempts": attempts,
+    }
+    headers = {ERROR_HEADER: error.kind, "X-Request-Id": request_id, **(extra or {})}
     return web.Response(
         status=error.status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
     )

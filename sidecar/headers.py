@@ -29,13 +29,15 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """Headers for the upstream: end-to-end ones untouched, forwarding facts added.
 
-    Host is left out: the forward step sets it to the endpoint it picked.
+    Host is left out: the forward step sets it to the endpoint it picked. x-sidecar-*
+    headers are instructions to us, never forwarded.
     X-Forwarded-Proto/Host from a caller are kept (it may sit behind another proxy).
     """
     named = _connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if _is_hop_by_hop(name, named) or name.lower() in ("host", "x-forwarded-for"):
+        lower = name.lower()
+        if _is_hop_by_hop(name, named) or lower in ("host", "x-forwarded-for") or lower.startswith("x-sidecar-"):
             continue
         out.add(name, value)
     chain = ", ".join(incoming.getall("X-Forwarded-For", ()))

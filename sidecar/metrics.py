@@ -29,6 +29,21 @@ class Metrics:
         self.in_flight = Gauge(
             "sidecar_in_flight_requests", "Requests being handled now.", ["route"], registry=registry,
         )
+        self.attempts = Counter(
+            "sidecar_upstream_attempts", "Attempts sent upstream, by outcome.", ["route", "outcome"], registry=registry,
+        )
+        self.attempt_duration = Histogram(
+            "sidecar_upstream_attempt_duration_seconds", "Time of one attempt, until response headers or failure.",
+            ["route"], buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.retries = Counter(
+            "sidecar_retries", "Retries made, by the condition that caused them.", ["route", "reason"],
+            registry=registry,
+        )
+        self.retries_skipped = Counter(
+            "sidecar_retries_skipped", "Failed attempts that were not retried, by why not.", ["route", "reason"],
+            registry=registry,
+        )
         build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
                            ["version"], registry=registry)
         build_info.labels(__version__).set(1)
@@ -40,14 +55,30 @@ class Metrics:
 class RouteMetrics:
     """A route's metric children, resolved once so the hot path skips label lookups."""
 
-    __slots__ = ("_metrics", "_name", "_requests", "duration", "in_flight")
+    __slots__ = ("_attempts", "_metrics", "_name", "_requests", "attempt_duration", "duration", "in_flight")
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._metrics = metrics
         self._name = name
         self._requests: dict[tuple[str, int], Counter] = {}
+        self._attempts: dict[str, Counter] = {}
         self.duration = metrics.duration.labels(name)
         self.in_flight = metrics.in_flight.labels(name)
+        self.attempt_duration = metrics.attempt_duration.labels(name)
+
+    def attempt(self, outcome: str, seconds: float) -> None:
+        """outcome: success, failure_status (5xx), connect_failure, reset, timeout or bad_response."""
+        counter = self._attempts.get(outcome)
+        if counter is None:
+            counter = self._attempts[outcome] = self._metrics.attempts.labels(self._name, outcome)
+        counter.inc()
+        self.attempt_duration.observe(seconds)
+
+    def retried(self, reason: str) -> None:
+        self._metrics.retries.labels(self._name, reason).inc()
+
+    def retry_skipped(self, reason: str) -> None:
+        self._metrics.retries_skipped.labels(self._name, reason).inc()
 
     def answered(self, method: str, code: int, seconds: float) -> None:
         key = (method, code)

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import StreamReader, web
+from aiohttp import web
+from multidict import CIMultiDictProxy
 
+from sidecar.body import CallerBody
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
-from sidecar.errors import CallerGone, NoRoute, RequestBodyTimeout, SidecarError, error_response
+from sidecar.errors import BadRequest, NoRoute, SidecarError, error_response
 from sidecar.headers import request_id_of, upstream_request_headers
 from sidecar.metrics import RouteMetrics
 from sidecar.relay import relay
 
 log = logging.getLogger("sidecar.proxy")
+
+# Request headers a caller may send to tighten its own request (never forwarded).
+MAX_ATTEMPTS_HEADER = "x-sidecar-max-attempts"
+TIMEOUT_HEADER = "x-sidecar-timeout-ms"
+# Response headers on every routed answer.
+ATTEMPTS_HEADER = "x-sidecar-attempts"
+UPSTREAM_MS_HEADER = "x-sidecar-upstream-ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,23 +73,22 @@ def upstream_target(spec: RouteSpec, raw_path: str) -> str:
     return rest if rest.startswith("/") else "/" + rest
 
 
-async def request_body(content: StreamReader, idle: float) -> AsyncIterator[bytes]:
-    """The caller's body as it arrives; a caller silent for `idle` mid-body ends the request.
+def caller_limits(headers: CIMultiDictProxy[str]) -> tuple[int | None, float | None]:
+    """x-sidecar-max-attempts and x-sidecar-timeout-ms: a caller may tighten its own request."""
+    attempts = timeout = None
+    if (value := headers.get(MAX_ATTEMPTS_HEADER)) is not None:
+        if not value.strip().isdigit() or int(value) < 1:
+            raise BadRequest(f"{MAX_ATTEMPTS_HEADER} must be a whole number of at least 1, got {value!r}")
+        attempts = int(value)
+    if (value := headers.get(TIMEOUT_HEADER)) is not None:
+        if not value.strip().isdigit() or int(value) < 1:
+            raise BadRequest(f"{TIMEOUT_HEADER} must be a whole number of milliseconds above 0, got {value!r}")
+        timeout = int(value) / 1000
+    return attempts, timeout
 
-    Failures are raised as our own errors (not OSError) so the forward step can tell
-    the caller's failure from the upstream's.
-    """
-    while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await content.readany()
-        except TimeoutError:
-            raise RequestBodyTimeout(f"the request body was silent for more than {idle:g}s") from None
-        except ConnectionError:
-            raise CallerGone("the caller closed the connection while sending the body") from None
-        if not chunk:
-            return
-        yield chunk
+
+def attempt_headers(call: Call) -> dict[str, str]:
+    return {ATTEMPTS_HEADER: str(call.attempts), UPSTREAM_MS_HEADER: str(round(call.upstream_seconds * 1000))}
 
 
 class Listener:
@@ -103,27 +110,29 @@ class Listener:
         metrics = route.metrics
         metrics.in_flight.inc()
         status = 500
+        spec = route.spec
+        call = Call(
+            method=request.method,
+            target=upstream_target(spec, raw_path),
+            headers=upstream_request_headers(request.headers, request.remote, request.scheme, request_id),
+            body=CallerBody(request.content, spec.timeouts.idle) if request.body_exists else None,
+        )
         try:
-            spec = route.spec
-            call = Call(
-                method=request.method,
-                target=upstream_target(spec, raw_path),
-                headers=upstream_request_headers(request.headers, request.remote, request.scheme, request_id),
-                body=request_body(request.content, spec.timeouts.idle) if request.body_exists else None,
-            )
             try:
+                call.max_attempts, call.timeout = caller_limits(request.headers)
                 upstream = await route.handler(call)
             except SidecarError as error:
                 status = error.status
-                response = error_response(error, spec.name, request_id)
+                response = error_response(error, spec.name, request_id, call.attempts, attempt_headers(call))
                 if call.body is not None and not request.content.is_eof():
                     response.force_close()  # the rest of the body is not worth reading
                 return response
             except Exception:
                 log.exception("unexpected error on route %s (request %s)", spec.name, request_id)
-                return error_response(SidecarError("the sidecar failed unexpectedly"), spec.name, request_id)
+                internal = SidecarError("the sidecar failed unexpectedly")
+                return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
-            return await relay(request, upstream, request_id, spec.timeouts.idle)
+            return await relay(request, upstream, request_id, spec.timeouts.idle, attempt_headers(call))
         finally:
             metrics.in_flight.dec()
             metrics.answered(request.method, status, self._loop.time() - started)

@@ -16,16 +16,17 @@ def has_no_body(method: str, status: int) -> bool:
     return method == "HEAD" or status in (204, 304) or status < 200
 
 
-async def relay(request: web.BaseRequest, upstream: ClientResponse, request_id: str, idle: float) -> web.StreamResponse:
+async def relay(
+    request: web.BaseRequest, upstream: ClientResponse, request_id: str, idle: float, extra: dict[str, str]
+) -> web.StreamResponse:
     """Send `upstream` to the caller as it arrives. Bytes pass untouched (no decoding).
 
     If either side fails or goes silent for `idle` mid-body, both connections are
     closed: a truncated body must never look complete to the caller.
     """
-    response = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason,
-        headers=downstream_response_headers(upstream.headers, request_id),
-    )
+    headers = downstream_response_headers(upstream.headers, request_id)
+    headers.update(extra)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
         if has_no_body(request.method, upstream.status):

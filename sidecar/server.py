@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.admin import Readiness, admin_app
 from sidecar.config import Address, Config
 from sidecar.endpoints import RoundRobin
+from sidecar.layers.retry_budget import RetryBudget
 from sidecar.metrics import NO_ROUTE, Metrics
 from sidecar.proxy import ActiveRoute, Listener
 from sidecar.stack import route_stack
@@ -62,10 +63,13 @@ class Sidecar:
     async def start(self) -> None:
         self._session = session = client_session()
         pickers = {upstream.name: RoundRobin(upstream) for upstream in self.config.upstreams}
-        routes = [
-            ActiveRoute(spec, route_stack(spec, session, pickers[spec.upstream.name]), self.metrics.route(spec.name))
-            for spec in self.config.routes
-        ]
+        loop = asyncio.get_running_loop()
+        routes = []
+        for spec in self.config.routes:
+            metrics = self.metrics.route(spec.name)
+            budget = RetryBudget(spec.retries.budget.ratio, spec.retries.budget.min_per_second, loop.time)
+            handler = route_stack(spec, session, pickers[spec.upstream.name], budget, metrics)
+            routes.append(ActiveRoute(spec, handler, metrics))
         unmatched = self.metrics.route(NO_ROUTE)
         try:
             for address in self.config.listeners:

@@ -17,20 +17,25 @@ from sidecar.layers.breaker import breaker_layer
 from sidecar.layers.deadline import deadline_layer
 from sidecar.layers.limit import limit_layer
 from sidecar.layers.retry import retry_layer
+from sidecar.layers.retry_budget import RetryBudget
+from sidecar.metrics import RouteMetrics
 
 
-def route_stack(route: RouteSpec, session: ClientSession, endpoints: RoundRobin) -> Handler:
+def route_stack(
+    route: RouteSpec, session: ClientSession, endpoints: RoundRobin, budget: RetryBudget, metrics: RouteMetrics
+) -> Handler:
+    """`endpoints`, `budget` and `metrics` are the route's runtime state, made by the caller."""
     layers: list[Layer] = [
         # Bulkhead first: a request waiting for a slot must not start its deadline or hold retries.
         limit_layer(route.limits),
         # One deadline for the whole request, so retries cannot stretch a caller's wait.
         deadline_layer(route.timeouts),
         # Retries sit outside the breaker: every attempt is seen and counted by it.
-        retry_layer(route.retries),
+        retry_layer(route.retries, budget, metrics),
         # Fail fast without touching the network while the upstream is known broken.
         breaker_layer(route.circuit_breaker),
     ]
-    handler = forwarder(route, session, endpoints)
+    handler = forwarder(route, session, endpoints, metrics)
     for layer in reversed(layers):
         handler = layer(handler)
     return handler

@@ -13,8 +13,8 @@ from aiohttp import web
 from tests.conftest import Hit, SidecarFactory, Upstream, route_yaml
 
 
-def error_body(kind: str, message: str, retryable: bool, route: str = "main") -> dict[str, object]:
-    return {"error": kind, "message": message, "route": route, "retryable": retryable}
+def error_body(kind: str, message: str, retryable: bool, attempts: int = 1, route: str = "main") -> dict[str, object]:
+    return {"error": kind, "message": message, "route": route, "retryable": retryable, "attempts": attempts}
 
 
 async def test_refused_connection_is_502_connect_failure(
@@ -57,7 +57,7 @@ async def test_connect_timeout_is_502_connect_failure(
     async with client.get(proxy.url + "/") as response:
         assert response.status == 502
         body = await response.json()
-    assert body == error_body("connect_failure", f"connect to 127.0.0.1:{blackhole} timed out after 0.1s", True)
+    assert body == error_body("connect_failure", f"connect to 127.0.0.1:{blackhole} timed out after 0.1s", True, 2)
 
 
 async def test_reset_before_headers_is_502_upstream_reset(
@@ -213,8 +213,9 @@ async def test_stream_with_traffic_outlives_total_and_idle(
     assert body == b"".join(f"data: {number}\n\n".encode() for number in range(8))
 
 
-async def test_caller_silent_mid_upload_ends_the_request_and_upstream_sees_it_incomplete(
-    sidecar_factory: SidecarFactory, upstream: Upstream
+@pytest.mark.parametrize("retries", ["attempts: 1", "attempts: 2"], ids=["streamed", "buffered-for-replay"])
+async def test_caller_silent_mid_upload_gets_408_and_upstream_never_sees_a_complete_body(
+    sidecar_factory: SidecarFactory, upstream: Upstream, retries: str
 ) -> None:
     upload_failed = asyncio.Event()
 
@@ -227,19 +228,22 @@ async def test_caller_silent_mid_upload_ends_the_request_and_upstream_sees_it_in
         return web.Response(text="complete?")
 
     upstream.on("/upload", reader)
-    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {idle: 150ms}"))
-    opened = await asyncio.open_connection("127.0.0.1", proxy.port)
-    reader_stream, writer = opened
+    proxy = await sidecar_factory(route_yaml(upstream.url, f"timeouts: {{idle: 150ms}}\nretries: {{{retries}}}"))
+    reader_stream, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"z" * 10)
     await writer.drain()
     async with asyncio.timeout(5):
         head = await reader_stream.readuntil(b"\r\n\r\n")
-        await upload_failed.wait()
+        if retries == "attempts: 1":  # streamed: the upstream saw the body start, then break off
+            await upload_failed.wait()
     writer.close()
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"x-sidecar-error: request_timeout" in head
     assert b"Connection: close" in head
-    assert upstream.hits[0].body == b""
+    if retries == "attempts: 1":
+        assert len(upstream.hits) == 1 and upstream.hits[0].body == b""
+    else:  # a small body is read whole before the first attempt: nothing was sent
+        assert upstream.hits == []
 
 
 async def test_dropped_pooled_connection_is_not_silently_resent(
@@ -253,7 +257,7 @@ async def test_dropped_pooled_connection_is_not_silently_resent(
         return web.Response()
 
     upstream.on("/drop", drop)
-    proxy = await sidecar_factory(route_yaml(upstream.url))
+    proxy = await sidecar_factory(route_yaml(upstream.url, "retries: {attempts: 1}"))
     async with client.get(proxy.url + "/warm") as response:  # leaves a pooled connection
         assert response.status == 200
     async with client.get(proxy.url + "/drop") as response:

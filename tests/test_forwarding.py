@@ -106,7 +106,7 @@ async def test_unmatched_request_gets_404_json_and_is_never_forwarded(
         assert response.headers["Content-Type"] == "application/json"
         body = await response.json()
     assert body == {"error": "no_route", "message": "no route matches POST /elsewhere", "route": None,
-                    "retryable": False}
+                    "retryable": False, "attempts": 0}
     assert upstream.hits == []
     assert proxy.metric("sidecar_requests_total", route="_no_route", method="POST", code="404") == 1
 

@@ -1,8 +1,11 @@
-"""Total deadline: every attempt and every backoff of a request fits inside `timeouts.total`."""
+"""Total deadline: every attempt and every backoff of a request fits inside `timeouts.total`
+(or the caller's shorter x-sidecar-timeout-ms)."""
 
 from __future__ import annotations
 
 import asyncio
+
+from aiohttp import ClientResponse
 
 from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Timeouts
@@ -13,13 +16,14 @@ def deadline_layer(timeouts: Timeouts) -> Layer:
     loop = asyncio.get_running_loop()
 
     def wrap(inner: Handler) -> Handler:
-        async def within_deadline(call: Call) -> object:
+        async def within_deadline(call: Call) -> ClientResponse:
             # The deadline is a stamp, not a timer: the forward step gives each attempt
             # min(per_try, time left) and raises `timeout` when nothing is left, so
             # there is exactly one timer per attempt and errors stay specific.
-            call.deadline = min(call.deadline, loop.time() + total)
+            limit = total if call.timeout is None else min(total, call.timeout)  # callers only tighten
+            call.deadline = min(call.deadline, loop.time() + limit)
             return await inner(call)
 
-        return within_deadline  # type: ignore[return-value]
+        return within_deadline
 
     return wrap

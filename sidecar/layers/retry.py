@@ -1,11 +1,123 @@
-"""Retries: `retries` parses and validates; the layer is a passthrough (one attempt)
-until the retries issue implements safe, budgeted, jittered retries here."""
+"""Retries: only when safe, within attempts, deadline and budget, with jittered backoff.
+
+An attempt is retried when its failure is listed in `retries.on` AND every one of these holds
+(else the reason is counted in sidecar_retries_skipped_total and the failure goes back as is):
+  attempts_exhausted    tries left (route's `attempts`, or the caller's lower x-sidecar-max-attempts)
+  non_idempotent        GET/HEAD/OPTIONS/PUT/DELETE/TRACE; other methods only on connect-failure
+                        (provably unsent), with an Idempotency-Key, or with `non_idempotent: true`
+  body_too_large        the body can be sent again: buffered (<= max_body) or not yet started
+  retry_after_too_long  a Retry-After on 429/503 is at most `retry_after_max`
+  deadline              the backoff ends before the total deadline
+  budget                the route's retry budget has room
+"""
 
 from __future__ import annotations
 
-from sidecar.call import Layer, passthrough
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+
+from aiohttp import ClientResponse
+
+from sidecar.body import CallerBody
+from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.schema import Retries
+from sidecar.errors import ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
+from sidecar.layers.retry_budget import RetryBudget
+from sidecar.metrics import RouteMetrics
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+CONDITIONS = {ConnectFailure.kind: "connect-failure", UpstreamReset.kind: "reset", UpstreamTimeout.kind: "timeout"}
+Jitter = Callable[[float, float], float]
 
 
-def retry_layer(retries: Retries) -> Layer:
-    return passthrough
+def retry_layer(policy: Retries, budget: RetryBudget, metrics: RouteMetrics, jitter: Jitter = random.uniform) -> Layer:
+    if policy.attempts <= 1:
+        return passthrough
+    on_errors = frozenset(c for c in policy.on if isinstance(c, str))
+    on_status = frozenset(c for c in policy.on if isinstance(c, int))
+    loop = asyncio.get_running_loop()
+
+    def wrap(inner: Handler) -> Handler:
+        async def with_retries(call: Call) -> ClientResponse:
+            budget.deposit()
+            attempts = policy.attempts if call.max_attempts is None else min(policy.attempts, call.max_attempts)
+            if isinstance(call.body, CallerBody) and attempts > 1 and _fits(call, policy.max_body):
+                call.body = await call.body.read_all()  # small enough to replay
+            retry = 0
+            while True:
+                failure: UpstreamError | ClientResponse
+                try:
+                    failure = response = await inner(call)
+                except UpstreamError as error:
+                    failure, reason = error, CONDITIONS.get(error.kind)
+                    if reason not in on_errors:
+                        raise
+                else:
+                    if response.status not in on_status:
+                        return response
+                    reason = str(response.status)
+                wait = min(policy.backoff.max, policy.backoff.base * 2**retry)
+                wait = jitter(0.0, wait)
+                skip = _why_not(call, attempts, reason, policy)
+                if skip is None and isinstance(failure, ClientResponse) and failure.status in (429, 503):
+                    after = _retry_after(failure.headers.get("Retry-After"))
+                    if after is not None:
+                        if after > policy.retry_after_max:
+                            skip = "retry_after_too_long"
+                        wait = after
+                if skip is None and loop.time() + wait >= call.deadline:
+                    skip = "deadline"
+                if skip is None and not budget.try_withdraw():
+                    skip = "budget"
+                if skip is not None:
+                    metrics.retry_skipped(skip)
+                    if isinstance(failure, UpstreamError):
+                        raise failure
+                    return failure
+                if isinstance(failure, ClientResponse):
+                    failure.release()
+                metrics.retried(reason)
+                await asyncio.sleep(wait)
+                call.avoid = call.endpoint
+                retry += 1
+
+        return with_retries
+
+    return wrap
+
+
+def _fits(call: Call, max_body: int) -> bool:
+    length = call.headers.get("Content-Length")
+    return length is not None and length.isdigit() and int(length) <= max_body
+
+
+def _why_not(call: Call, attempts: int, reason: str, policy: Retries) -> str | None:
+    if call.attempts >= attempts:
+        return "attempts_exhausted"
+    if (
+        call.method not in IDEMPOTENT
+        and reason != "connect-failure"
+        and not policy.non_idempotent
+        and "Idempotency-Key" not in call.headers
+    ):
+        return "non_idempotent"
+    if isinstance(call.body, CallerBody) and call.body.started:
+        return "body_too_large"
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())

@@ -1,0 +1,51 @@
+"""The caller's request body: streamed once, or buffered when small enough to replay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import StreamReader
+
+from sidecar.errors import CallerGone, RequestBodyTimeout
+
+
+class CallerBody:
+    """The caller's body as it arrives, with a per-chunk idle timeout.
+
+    `started` tells whether any byte has been pulled: until then an attempt that failed
+    (a refused connect) can be retried with the same body. Failures are raised as our
+    own errors, not OSError, so the forward step can tell the caller's failure from
+    the upstream's.
+    """
+
+    __slots__ = ("_content", "_idle", "started")
+
+    def __init__(self, content: StreamReader, idle: float) -> None:
+        self._content = content
+        self._idle = idle
+        self.started = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                raise RequestBodyTimeout(f"the request body was silent for more than {self._idle:g}s") from None
+            except ConnectionError:
+                raise CallerGone("the caller closed the connection while sending the body") from None
+            if not chunk:
+                return
+            yield chunk
+
+    async def read_all(self) -> bytes:
+        return b"".join([chunk async for chunk in self])
+
+
+# What a call sends: nothing, bytes that can be replayed, or the caller's stream.
+Body = bytes | CallerBody | None
