@@ -134,12 +134,14 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
-def free_port() -> int:
-    # Small race (the port could be taken before the server binds it); on loopback in a bench, acceptable.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports. The sockets are held open together so that the kernel cannot
+    hand out the same port twice; a small race remains (someone may bind one before our server does)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
@@ -281,9 +283,8 @@ routes:
 """
 
 
-def start_sidecar(procs: Processes, port: int, upstream_port: int, loop: str, pin: Pinning) -> int:
+def start_sidecar(procs: Processes, port: int, admin_port: int, upstream_port: int, loop: str, pin: Pinning) -> int:
     """Start the sidecar, wait for /readyz; return its pid (taskset execs, so the pid is python's)."""
-    admin_port = free_port()
     config = procs.logdir / "sidecar.yaml"
     config.write_text(sidecar_config(port, admin_port, upstream_port))
     argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--loop", loop]
@@ -491,14 +492,14 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         progress(f"WARNING: the machine is already {busy:.0f}% busy before the bench starts: numbers will be noisy")
     pin = Pinning.detect(not args.no_pin)
     load = LoadGen.choose(args.loadgen, procs, pin)
-    upstream_port, sidecar_port = free_port(), free_port()
+    upstream_port, sidecar_port, admin_port = free_ports(3)
     progress(f"starting upstream on 127.0.0.1:{upstream_port}")
     upstream = start_upstream(args.upstream, procs, upstream_port, pin)
     direct_url = f"http://127.0.0.1:{upstream_port}/"
     check_response(direct_url, "upstream")
     # Started before the direct run so a broken sidecar fails the bench in seconds, not after a full run.
     progress(f"starting sidecar on 127.0.0.1:{sidecar_port} (loop {args.loop}), waiting for /readyz")
-    sidecar_pid = start_sidecar(procs, sidecar_port, upstream_port, args.loop, pin)
+    sidecar_pid = start_sidecar(procs, sidecar_port, admin_port, upstream_port, args.loop, pin)
     sidecar_url = f"http://127.0.0.1:{sidecar_port}/"
     check_response(sidecar_url, "sidecar")
 
