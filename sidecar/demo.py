@@ -82,7 +82,7 @@ sidecar demo: the sidecar listens on {base}, in front of a demo upstream on http
 
 Try:
   curl -i {base}/demo/hello           # forwarded, with an X-Request-Id added
-  curl -i {base}/demo/flaky           # the upstream fails half the time (its 503 passes through)
+  curl -i {base}/demo/flaky           # fails half the time; a failed GET is retried once (see x-sidecar-attempts)
   curl -i {base}/demo/slow            # upstream takes 3s; per_try is 1s: 504, x-sidecar-error: timeout
   curl -i {base}/demo/reset           # upstream drops the connection: 502 upstream_reset
   curl -i {base}/nowhere/             # nothing listens there: 502 connect_failure
