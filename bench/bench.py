@@ -1,7 +1,8 @@
 """Benchmark the sidecar: one fast upstream, measured directly and through the sidecar, in one run.
 
-    python bench/bench.py [--duration 10] [--rate 1000] [--connections 64] [--loop asyncio|uvloop]
-                          [--upstream auto|nginx|aiohttp] [--loadgen auto|python] [--no-pin] [--json]
+    python bench/bench.py [--duration 10] [--warmup 1] [--rate 1000] [--connections 64] [--hey-workers 10]
+                          [--loop asyncio|uvloop] [--upstream auto|nginx|aiohttp] [--loadgen auto|python]
+                          [--no-pin] [--json]
 
 Everything listens on 127.0.0.1 only, every phase is bounded in time, and every child process is killed on the
 way out (normal exit, exception, Ctrl-C, SIGTERM). Progress goes to stderr; the table (or JSON) to stdout.
@@ -40,8 +41,6 @@ READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 # How long a load generator may run past its own --duration before we treat it as hung and kill it.
 TOOL_GRACE_S = 30.0
-# hey rate-limits per worker (-q), so the total rate is split across this many workers.
-HEY_WORKERS = 10
 # Bounds on the options, so a typo cannot start an hour-long or machine-melting run.
 MAX_DURATION_S = 600
 MAX_RATE = 100_000
@@ -72,9 +71,8 @@ def _die_with_parent() -> None:
 
 
 class Processes:
-    """Owns every child. Each one runs in its own session (= process group), so one killpg also takes down
-    whatever it forked (nginx's worker, taskset's exec'd command keeps the pid anyway). A context manager,
-    so cleanup happens on any way out of the `with`."""
+    """Owns every child. Each runs in its own session (= process group), so one killpg also takes down what
+    it forked (nginx's worker). A context manager, so cleanup happens on any way out of the `with`."""
 
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
@@ -283,14 +281,16 @@ routes:
 """
 
 
-def start_sidecar(procs: Processes, port: int, admin_port: int, upstream_port: int, loop: str, pin: Pinning) -> int:
-    """Start the sidecar, wait for /readyz; return its pid (taskset execs, so the pid is python's)."""
+def start_sidecar(
+    procs: Processes, port: int, admin_port: int, upstream_port: int, loop: str, pin: Pinning
+) -> subprocess.Popen[bytes]:
+    """Start the sidecar and wait for /readyz. taskset execs, so the child's pid is the sidecar's own."""
     config = procs.logdir / "sidecar.yaml"
     config.write_text(sidecar_config(port, admin_port, upstream_port))
     argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--loop", loop]
     proc = procs.start_server("sidecar", Pinning.prefix(pin.sidecar_cpu) + argv)
     wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc, "sidecar", procs.log_path("sidecar"))
-    return proc.pid
+    return proc
 
 
 def sidecar_log_problems(log: Path, limit: int = 10) -> list[str]:
@@ -316,7 +316,6 @@ def machine_busy_pct(sample_s: float = 1.0) -> float:
     time.sleep(sample_s)
     busy1, total1 = busy_total()
     return (busy1 - busy0) / (total1 - total0) * 100 if total1 > total0 else math.nan
-
 
 
 def cpu_seconds(pid: int) -> float:
@@ -379,6 +378,7 @@ def parse_wrk(text: str) -> Result:
 _HEY_TOTAL = re.compile(r"Total:\s+([\d.]+) secs")
 _HEY_PCT = re.compile(r"^\s*(\d+)% in ([\d.]+) secs", re.MULTILINE)
 _HEY_COUNT = re.compile(r"^\s*\[(\d+)\]\s+(\d+)", re.MULTILINE)
+_HEY_ERROR = re.compile(r"^\s*\[(\d+)\]\s", re.MULTILINE)
 
 
 def parse_hey(text: str) -> Result:
@@ -397,7 +397,7 @@ def parse_hey(text: str) -> Result:
         seconds=seconds,
         rps=requests / seconds if seconds else 0.0,
         non_2xx=sum(n for code, n in by_status.items() if not 200 <= code < 300),
-        errors=sum(int(count) for count, _ in _HEY_COUNT.findall(error_part)),
+        errors=sum(int(count) for count in _HEY_ERROR.findall(error_part)),
         # hey prints 4 decimals of seconds: 0.1 ms resolution. A missing line (too few samples) stays NaN.
         p50_ms=percentiles.get(50, math.nan),
         p99_ms=percentiles.get(99, math.nan),
@@ -434,10 +434,13 @@ class LoadGen:
         argv = self._pyload("throughput", url, "--connections", str(connections), "--duration", str(duration))
         return parse_pyload(self._run(argv, duration))
 
-    def latency(self, url: str, rate: float, duration: int, connections: int) -> Result:
+    def latency(self, url: str, rate: float, duration: int, connections: int, hey_workers: int) -> Result:
         if self.latency_tool == "hey":
-            per_worker = rate / HEY_WORKERS
-            argv = ["hey", "-z", f"{duration}s", "-c", str(HEY_WORKERS), "-q", f"{per_worker:g}", url]
+            # hey rate-limits per worker (-q), so the total rate is split across the workers. Their tickers
+            # start together and stay in step: the target sees bursts of `hey_workers` requests, not a
+            # smooth stream, and p50 includes queueing behind the rest of the burst.
+            per_worker = rate / hey_workers
+            argv = ["hey", "-z", f"{duration}s", "-c", str(hey_workers), "-q", f"{per_worker:g}", url]
             return parse_hey(self._run(argv, duration))
         argv = self._pyload("latency", url, "--rate", f"{rate:g}", "--duration", str(duration),
                             "--connections", str(connections))
@@ -476,7 +479,7 @@ def measure(name: str, url: str, load: LoadGen, args: argparse.Namespace, pid: i
     cpu_used = cpu_seconds(pid) - cpu_before if pid else math.nan
     progress(f"{name}: {throughput.rps:,.0f} req/s")
     progress(f"{name}: latency at {args.rate:g} req/s, {args.duration}s ({load.latency_tool})")
-    latency = load.latency(url, args.rate, args.duration, args.connections)
+    latency = load.latency(url, args.rate, args.duration, args.connections, args.hey_workers)
     progress(f"{name}: p50 {latency.p50_ms:.2f} ms, p99 {latency.p99_ms:.2f} ms")
     target = Target(throughput, latency)
     if pid:
@@ -486,37 +489,61 @@ def measure(name: str, url: str, load: LoadGen, args: argparse.Namespace, pid: i
     return target
 
 
+@dataclass(frozen=True)
+class Servers:
+    upstream_label: str
+    direct_url: str
+    sidecar_url: str
+    sidecar: subprocess.Popen[bytes]
+
+
+def start_servers(args: argparse.Namespace, procs: Processes, pin: Pinning) -> Servers:
+    upstream_port, sidecar_port, admin_port = free_ports(3)
+    progress(f"starting upstream on 127.0.0.1:{upstream_port}")
+    label = start_upstream(args.upstream, procs, upstream_port, pin)
+    direct_url = f"http://127.0.0.1:{upstream_port}/"
+    check_response(direct_url, "upstream")
+    # Started before the direct run, so that a broken sidecar fails the bench in seconds, not after a full run.
+    progress(f"starting sidecar on 127.0.0.1:{sidecar_port} (loop {args.loop}), waiting for /readyz")
+    sidecar = start_sidecar(procs, sidecar_port, admin_port, upstream_port, args.loop, pin)
+    sidecar_url = f"http://127.0.0.1:{sidecar_port}/"
+    check_response(sidecar_url, "sidecar")
+    return Servers(label, direct_url, sidecar_url, sidecar)
+
+
+def measure_sidecar(servers: Servers, load: LoadGen, args: argparse.Namespace, procs: Processes) -> Target:
+    try:
+        return measure("sidecar", servers.sidecar_url, load, args, servers.sidecar.pid)
+    except BenchError as exc:
+        if servers.sidecar.poll() is None:
+            raise
+        # The load generator's complaint ("connection refused") hides the real news: the sidecar died.
+        code, log = servers.sidecar.returncode, log_tail(procs.log_path("sidecar"))
+        raise BenchError(f"the sidecar exited with {code} under load ({exc}); its log:\n{log}") from exc
+
+
 def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     busy = machine_busy_pct()
     if busy > BUSY_WARN_PCT:
         progress(f"WARNING: the machine is already {busy:.0f}% busy before the bench starts: numbers will be noisy")
     pin = Pinning.detect(not args.no_pin)
     load = LoadGen.choose(args.loadgen, procs, pin)
-    upstream_port, sidecar_port, admin_port = free_ports(3)
-    progress(f"starting upstream on 127.0.0.1:{upstream_port}")
-    upstream = start_upstream(args.upstream, procs, upstream_port, pin)
-    direct_url = f"http://127.0.0.1:{upstream_port}/"
-    check_response(direct_url, "upstream")
-    # Started before the direct run so a broken sidecar fails the bench in seconds, not after a full run.
-    progress(f"starting sidecar on 127.0.0.1:{sidecar_port} (loop {args.loop}), waiting for /readyz")
-    sidecar_pid = start_sidecar(procs, sidecar_port, admin_port, upstream_port, args.loop, pin)
-    sidecar_url = f"http://127.0.0.1:{sidecar_port}/"
-    check_response(sidecar_url, "sidecar")
-
-    direct = measure("direct", direct_url, load, args, None)
-    sidecar = measure("sidecar", sidecar_url, load, args, sidecar_pid)
-    alive = Path(f"/proc/{sidecar_pid}").exists()
+    servers = start_servers(args, procs, pin)
+    direct = measure("direct", servers.direct_url, load, args, None)
+    through_sidecar = measure_sidecar(servers, load, args, procs)
     return {
         "config": {
             "duration_s": args.duration, "warmup_s": args.warmup, "rate": args.rate,
-            "connections": args.connections, "loop": args.loop, "upstream": upstream,
+            "connections": args.connections, "hey_workers": args.hey_workers, "loop": args.loop,
+            "upstream": servers.upstream_label,
             "throughput_tool": load.throughput_tool, "latency_tool": load.latency_tool,
             "pinning": pin.describe(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
             "machine_busy_before_pct": busy,
         },
         "direct": direct,
-        "sidecar": sidecar,
-        "sidecar_alive": alive,
+        "sidecar": through_sidecar,
+        # poll(), not /proc/<pid>: a dead child we have not reaped yet still has a /proc entry (a zombie).
+        "sidecar_alive": servers.sidecar.poll() is None,
         "sidecar_log_problems": sidecar_log_problems(procs.log_path("sidecar")),
     }
 
@@ -566,11 +593,19 @@ def fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"  # big rates: no fake precision
 
 
+def latency_tool(report: dict[str, Any]) -> str:
+    tool: str = report["direct"].latency.tool
+    # The arrival pattern moves p50 a lot (see LoadGen.latency), so the table says which one was used.
+    if tool == "hey":
+        return f"hey ({report['config']['hey_workers']} workers, arrivals in bursts)"
+    return f"{tool} (evenly spaced arrivals)"
+
+
 def table(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
         f"upstream: {cfg['upstream']}; sidecar loop: {cfg['loop']}; pinning: {cfg['pinning']}",
-        f"load: throughput by {report['direct'].throughput.tool}, latency by {report['direct'].latency.tool}; "
+        f"load: throughput by {report['direct'].throughput.tool}, latency by {latency_tool(report)}; "
         f"{cfg['duration_s']}s per measurement after {cfg['warmup_s']}s warm-up; python {cfg['python']}; "
         f"machine {cfg['machine_busy_before_pct']:.0f}% busy before start",
         "",
@@ -636,6 +671,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="requests/s for the latency measurement (1000)")
     parser.add_argument("--connections", type=bounded(int, 1, MAX_CONNECTIONS), default=64,
                         help="keep-alive connections for the throughput measurement (64)")
+    parser.add_argument("--hey-workers", type=bounded(int, 1, 100), default=10,
+                        help="hey workers for the latency run, each at rate/N req/s (10)")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="sidecar event loop")
     parser.add_argument("--upstream", choices=("auto", "nginx", "aiohttp"), default="auto",
                         help="auto: nginx if installed, else a minimal aiohttp server")

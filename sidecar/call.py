@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import ClientResponse
 from multidict import CIMultiDict
@@ -31,6 +31,8 @@ class Call:
     upstream_seconds: float = 0.0
     endpoint: Endpoint | None = None  # the endpoint of the latest attempt
     avoid: Endpoint | None = None  # an endpoint that just failed: pick another when there is one
+    # Run once the response is complete (or failed), e.g. to free a concurrency slot.
+    on_complete: list[Callable[[], None]] = field(default_factory=list)
 
 
 # A handler answers a call with the upstream's response, its body still unread,

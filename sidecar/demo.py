@@ -26,6 +26,14 @@ routes:
     match: {{path_prefix: /demo/}}
     upstream: demo
     strip_prefix: true
+  - name: flaky            # its own route, so its breaker trips alone
+    match: {{path_prefix: /demo/flaky}}
+    upstream: demo
+    circuit_breaker: {{failure_threshold: 3, reset_timeout: 5s}}
+  - name: reset
+    match: {{path_prefix: /demo/reset}}
+    upstream: demo
+    circuit_breaker: {{failure_threshold: 3, reset_timeout: 5s}}
   - name: nowhere
     match: {{path_prefix: /nowhere/}}
     upstream: nowhere
@@ -58,12 +66,17 @@ def demo_upstream(failure_rate: float = 0.5) -> web.Application:
             await asyncio.sleep(0.5)
         return response
 
+    # Answer by the last path segment, so routes may strip their prefix or not.
+    behaviours = {"hello": hello, "flaky": flaky, "slow": slow, "reset": reset, "events": events}
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        behaviour = behaviours.get(request.path.rstrip("/").rsplit("/", 1)[-1])
+        if behaviour is None:
+            raise web.HTTPNotFound(text="demo upstream: try /hello, /flaky, /slow, /reset or /events\n")
+        return await behaviour(request)
+
     app = web.Application()
-    app.router.add_get("/hello", hello)
-    app.router.add_get("/flaky", flaky)
-    app.router.add_get("/slow", slow)
-    app.router.add_get("/reset", reset)
-    app.router.add_get("/events", events)
+    app.router.add_get("/{tail:.*}", dispatch)
     return app
 
 
@@ -84,7 +97,8 @@ Try:
   curl -i {base}/demo/hello           # forwarded, with an X-Request-Id added
   curl -i {base}/demo/flaky           # fails half the time; a failed GET is retried once (see x-sidecar-attempts)
   curl -i {base}/demo/slow            # upstream takes 3s; per_try is 1s: 504, x-sidecar-error: timeout
-  curl -i {base}/demo/reset           # upstream drops the connection: 502 upstream_reset
+  curl -i {base}/demo/reset           # upstream drops the connection: 502 upstream_reset;
+                                      #   again 3 times: the breaker opens, 503 circuit_open with Retry-After
   curl -i {base}/nowhere/             # nothing listens there: 502 connect_failure
   curl -i {base}/elsewhere            # no route matches: 404 no_route
   curl -N {base}/demo/events          # server-sent events, each as it is written

@@ -6,6 +6,9 @@
     |   +-- BadRequest             400 bad_request: e.g. a malformed x-sidecar-* header
     |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
+    +-- Shed                       refused to protect the upstream or the route; never retried
+    |   +-- CircuitOpen            503 circuit_open: the breaker is open; Retry-After says when it probes
+    |   +-- Overloaded             503 overloaded: the route's concurrency limit and queue are full
     +-- UpstreamError              the upstream could not give us a response
         +-- ConnectFailure         502 connect_failure: TCP connect refused or timed out (provably unsent)
         +-- UpstreamReset          502 upstream_reset: connection dropped before response headers
@@ -22,6 +25,8 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
+
+from sidecar.config.schema import Fallback
 
 ERROR_HEADER = "x-sidecar-error"
 
@@ -61,6 +66,27 @@ class CallerGone(CallerError):
     status = 499
 
 
+class Shed(SidecarError):
+    status = 503
+    retryable = True
+
+
+class CircuitOpen(Shed):
+    kind = "circuit_open"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # whole seconds until the breaker lets a probe through
+
+
+class Overloaded(Shed):
+    kind = "overloaded"
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit  # which limit refused: concurrent, pending or queue_timeout
+
+
 class UpstreamError(SidecarError):
     status = 502
     retryable = True
@@ -85,14 +111,28 @@ class UpstreamTimeout(UpstreamError):
 
 
 def error_response(
-    error: SidecarError, route: str | None, request_id: str, attempts: int = 0, extra: dict[str, str] | None = None
+    error: SidecarError,
+    route: str | None,
+    request_id: str,
+    attempts: int = 0,
+    extra: dict[str, str] | None = None,
+    fallback: Fallback | None = None,
 ) -> web.Response:
-    """The JSON body and headers of every response the sidecar makes itself."""
+    """The JSON body and headers of every response the sidecar makes itself.
+
+    While a route sheds load (breaker open, overloaded) its configured fallback is
+    served instead of the JSON body; `x-sidecar-error` still says what happened.
+    """
+    headers = {ERROR_HEADER: error.kind, "X-Request-Id": request_id, **(extra or {})}
+    if isinstance(error, CircuitOpen):
+        headers["Retry-After"] = str(error.retry_after)
+    if fallback is not None and isinstance(error, Shed):
+        headers = {**fallback.headers, **headers}
+        return web.Response(status=fallback.status, body=fallback.body.encode(), headers=headers)
     body = {
         "error": error.kind, "message": error.message, "route": route, "retryable": error.retryable,
         "attempts": attempts,
     }
-    headers = {ERROR_HEADER: error.kind, "X-Request-Id": request_id, **(extra or {})}
     return web.Response(
         status=error.status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
     )

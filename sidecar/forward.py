@@ -13,7 +13,7 @@ from yarl import URL
 
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
-from sidecar.endpoints import RoundRobin
+from sidecar.endpoints import EndpointPool
 from sidecar.errors import (
     BadUpstreamResponse,
     ConnectFailure,
@@ -33,7 +33,7 @@ OUTCOMES = {
 }
 
 
-def forwarder(route: RouteSpec, session: ClientSession, endpoints: RoundRobin, metrics: RouteMetrics) -> Handler:
+def forwarder(route: RouteSpec, session: ClientSession, endpoints: EndpointPool, metrics: RouteMetrics) -> Handler:
     timeouts = route.timeouts
     per_try = timeouts.per_try or timeouts.total
     # sock_connect bounds the TCP (and TLS) connect alone; the per-try budget below
@@ -53,9 +53,12 @@ def forwarder(route: RouteSpec, session: ClientSession, endpoints: RoundRobin, m
         try:
             response = await _send(call, endpoint.base, endpoint.authority, budget)
         except UpstreamError as error:
+            endpoints.record(endpoint, failed=True)
             _account(call, metrics, OUTCOMES[error.kind], loop.time() - started)
             raise
-        _account(call, metrics, "failure_status" if response.status >= 500 else "success", loop.time() - started)
+        failed = response.status >= 500
+        endpoints.record(endpoint, failed)
+        _account(call, metrics, "failure_status" if failed else "success", loop.time() - started)
         return response
 
     async def _send(call: Call, base: str, authority: str, budget: float) -> ClientResponse:

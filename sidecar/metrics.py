@@ -12,6 +12,7 @@ from sidecar import __version__
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 NO_ROUTE = "_no_route"  # route label of requests that matched no route (names cannot start with "_")
+BREAKER_STATES = ("closed", "open", "half_open")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -42,6 +43,30 @@ class Metrics:
         )
         self.retries_skipped = Counter(
             "sidecar_retries_skipped", "Failed attempts that were not retried, by why not.", ["route", "reason"],
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "sidecar_circuit_breaker_state", "1 for the breaker's current state (closed, open, half_open), else 0.",
+            ["route", "state"], registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "sidecar_circuit_breaker_transitions", "Breaker state changes, by the state entered.", ["route", "to"],
+            registry=registry,
+        )
+        self.breaker_rejections = Counter(
+            "sidecar_circuit_breaker_rejections", "Requests failed fast because the breaker was open.", ["route"],
+            registry=registry,
+        )
+        self.limit_rejections = Counter(
+            "sidecar_limit_rejections", "Requests refused by the route's concurrency limit, by which limit.",
+            ["route", "limit"], registry=registry,
+        )
+        self.endpoint_ejected = Gauge(
+            "sidecar_upstream_endpoint_ejected", "1 while the endpoint is ejected from the rotation.",
+            ["upstream", "endpoint"], registry=registry,
+        )
+        self.endpoint_ejections = Counter(
+            "sidecar_upstream_endpoint_ejections", "Times the endpoint was ejected.", ["upstream", "endpoint"],
             registry=registry,
         )
         build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
@@ -79,6 +104,21 @@ class RouteMetrics:
 
     def retry_skipped(self, reason: str) -> None:
         self._metrics.retries_skipped.labels(self._name, reason).inc()
+
+    def breaker_entered(self, state: str) -> None:
+        """state: closed, open or half_open."""
+        for name in BREAKER_STATES:
+            self._metrics.breaker_state.labels(self._name, name).set(1 if name == state else 0)
+
+    def breaker_transition(self, state: str) -> None:
+        self._metrics.breaker_transitions.labels(self._name, state).inc()
+        self.breaker_entered(state)
+
+    def breaker_rejected(self) -> None:
+        self._metrics.breaker_rejections.labels(self._name).inc()
+
+    def limit_rejected(self, limit: str) -> None:
+        self._metrics.limit_rejections.labels(self._name, limit).inc()
 
     def answered(self, method: str, code: int, seconds: float) -> None:
         key = (method, code)

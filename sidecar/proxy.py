@@ -122,8 +122,10 @@ class Listener:
                 call.max_attempts, call.timeout = caller_limits(request.headers)
                 upstream = await route.handler(call)
             except SidecarError as error:
-                status = error.status
-                response = error_response(error, spec.name, request_id, call.attempts, attempt_headers(call))
+                response = error_response(
+                    error, spec.name, request_id, call.attempts, attempt_headers(call), spec.fallback
+                )
+                status = response.status
                 if call.body is not None and not request.content.is_eof():
                     response.force_close()  # the rest of the body is not worth reading
                 return response
@@ -134,5 +136,7 @@ class Listener:
             status = upstream.status
             return await relay(request, upstream, request_id, spec.timeouts.idle, attempt_headers(call))
         finally:
+            for complete in call.on_complete:
+                complete()
             metrics.in_flight.dec()
             metrics.answered(request.method, status, self._loop.time() - started)

@@ -11,11 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.admin import Readiness, admin_app
 from sidecar.config import Address, Config
-from sidecar.endpoints import RoundRobin
-from sidecar.layers.retry_budget import RetryBudget
+from sidecar.endpoints import EndpointPool
 from sidecar.metrics import NO_ROUTE, Metrics
 from sidecar.proxy import ActiveRoute, Listener
-from sidecar.stack import route_stack
+from sidecar.stack import RouteState, new_route_state, route_stack
 
 log = logging.getLogger("sidecar")
 
@@ -59,17 +58,17 @@ class Sidecar:
         # Listener address as configured -> the (host, port) actually bound (port 0 picks one).
         self.bound: dict[Address, tuple[str, int]] = {}
         self.admin_bound: tuple[str, int] | None = None
+        self.route_states: dict[str, RouteState] = {}
 
     async def start(self) -> None:
         self._session = session = client_session()
-        pickers = {upstream.name: RoundRobin(upstream) for upstream in self.config.upstreams}
-        loop = asyncio.get_running_loop()
+        clock = asyncio.get_running_loop().time
+        pools = {upstream.name: EndpointPool(upstream, self.metrics, clock) for upstream in self.config.upstreams}
         routes = []
         for spec in self.config.routes:
-            metrics = self.metrics.route(spec.name)
-            budget = RetryBudget(spec.retries.budget.ratio, spec.retries.budget.min_per_second, loop.time)
-            handler = route_stack(spec, session, pickers[spec.upstream.name], budget, metrics)
-            routes.append(ActiveRoute(spec, handler, metrics))
+            state = new_route_state(spec, self.metrics.route(spec.name), pools[spec.upstream.name], clock)
+            self.route_states[spec.name] = state
+            routes.append(ActiveRoute(spec, route_stack(spec, session, state), state.metrics))
         unmatched = self.metrics.route(NO_ROUTE)
         try:
             for address in self.config.listeners:

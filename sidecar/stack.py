@@ -7,35 +7,60 @@ A disabled policy is a passthrough, so every route's stack has the same shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from aiohttp import ClientSession
 
 from sidecar.call import Handler, Layer
 from sidecar.config import RouteSpec
-from sidecar.endpoints import RoundRobin
+from sidecar.endpoints import EndpointPool
 from sidecar.forward import forwarder
-from sidecar.layers.breaker import breaker_layer
+from sidecar.layers.breaker import RouteBreaker, breaker_layer
 from sidecar.layers.deadline import deadline_layer
-from sidecar.layers.limit import limit_layer
+from sidecar.layers.limit import Bulkhead, limit_layer
 from sidecar.layers.retry import retry_layer
 from sidecar.layers.retry_budget import RetryBudget
 from sidecar.metrics import RouteMetrics
 
 
-def route_stack(
-    route: RouteSpec, session: ClientSession, endpoints: RoundRobin, budget: RetryBudget, metrics: RouteMetrics
-) -> Handler:
-    """`endpoints`, `budget` and `metrics` are the route's runtime state, made by the caller."""
+@dataclass(frozen=True, slots=True)
+class RouteState:
+    """What a route's layers remember between requests: counters, budgets, breaker state."""
+
+    metrics: RouteMetrics
+    endpoints: EndpointPool  # shared by every route of the upstream
+    bulkhead: Bulkhead
+    budget: RetryBudget
+    breaker: RouteBreaker | None  # None when circuit_breaker.enabled is false
+
+
+def new_route_state(
+    route: RouteSpec, metrics: RouteMetrics, endpoints: EndpointPool, clock: Callable[[], float]
+) -> RouteState:
+    budget = route.retries.budget
+    breaker = route.circuit_breaker
+    return RouteState(
+        metrics=metrics,
+        endpoints=endpoints,
+        bulkhead=Bulkhead(route.limits, metrics),
+        budget=RetryBudget(budget.ratio, budget.min_per_second, clock),
+        breaker=RouteBreaker(route.name, breaker, metrics, clock) if breaker.enabled else None,
+    )
+
+
+def route_stack(route: RouteSpec, session: ClientSession, state: RouteState) -> Handler:
     layers: list[Layer] = [
         # Bulkhead first: a request waiting for a slot must not start its deadline or hold retries.
-        limit_layer(route.limits),
+        limit_layer(state.bulkhead),
         # One deadline for the whole request, so retries cannot stretch a caller's wait.
         deadline_layer(route.timeouts),
         # Retries sit outside the breaker: every attempt is seen and counted by it.
-        retry_layer(route.retries, budget, metrics),
+        retry_layer(route.retries, state.budget, state.metrics),
         # Fail fast without touching the network while the upstream is known broken.
-        breaker_layer(route.circuit_breaker),
+        breaker_layer(state.breaker),
     ]
-    handler = forwarder(route, session, endpoints, metrics)
+    handler = forwarder(route, session, state.endpoints, state.metrics)
     for layer in reversed(layers):
         handler = layer(handler)
     return handler

@@ -275,6 +275,7 @@ async def test_total_deadline_holds_across_retries(
     proxy = await sidecar_factory(route_yaml(upstream.url, """
         timeouts: {total: 300ms}
         retries: {attempts: 50, backoff: {base: 100ms, max: 100ms}}
+        circuit_breaker: {enabled: false}
     """))
     async with client.get(proxy.url + "/x") as response:
         assert response.status == 503
@@ -293,6 +294,7 @@ async def test_caller_headers_tighten_but_never_loosen(
     proxy = await sidecar_factory(route_yaml(upstream.url, """
         timeouts: {per_try: 5s, total: 300ms}
         retries: {attempts: 3, backoff: {base: 1ms, max: 1ms}}
+        circuit_breaker: {enabled: false}
     """))
     async with client.get(proxy.url + "/x", headers={"x-sidecar-max-attempts": "1"}) as response:
         assert response.headers["x-sidecar-attempts"] == "1"
@@ -328,6 +330,7 @@ async def test_budget_caps_retries_when_every_request_fails(
     upstream.on("/x", fail_503)
     proxy = await sidecar_factory(route_yaml(upstream.url, """
         retries: {attempts: 3, backoff: {base: 1ms, max: 1ms}, budget: {ratio: 0.2, min_per_second: 1}}
+        circuit_breaker: {enabled: false}
     """))
     for _ in range(200):
         async with client.get(proxy.url + "/x") as response:

@@ -31,8 +31,13 @@ def describe(config: Config) -> dict[str, Any]:
                 "listen": str(route.listen),
                 "match": {"path_prefix": route.path_prefix, "host": route.host},
                 "strip_prefix": route.strip_prefix,
-                "upstream": {"name": route.upstream.name, "endpoints": [e.base for e in route.upstream.endpoints]},
+                "upstream": {
+                    "name": route.upstream.name,
+                    "endpoints": [e.base for e in route.upstream.endpoints],
+                    "outlier": plain(route.upstream.outlier),
+                },
                 **{section: plain(getattr(route, section)) for section in POLICY_SECTIONS},
+                "fallback": plain(route.fallback),
             }
             for route in config.routes
         ],

@@ -77,8 +77,11 @@ def _name_upstream(path: str, upstreams: Any) -> str:
 
 def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Config:
     upstreams = {
-        name: UpstreamSpec(name, tuple(_endpoint(url, f"$.upstreams.{name}.endpoints[{i}]", lines)
-                                       for i, url in enumerate(spec.endpoints)))
+        name: UpstreamSpec(
+            name,
+            tuple(_endpoint(url, f"$.upstreams.{name}.endpoints[{i}]", lines) for i, url in enumerate(spec.endpoints)),
+            spec.outlier,
+        )
         for name, spec in document.upstreams.items()
     }
     main = _address(document.listen, "$.listen", lines)
@@ -115,7 +118,8 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
         }
         routes.append(RouteSpec(
             name=route.name, listen=listen, host=host, path_prefix=match.path_prefix,
-            strip_prefix=route.strip_prefix, upstream=upstreams[route.upstream], **policies,
+            strip_prefix=route.strip_prefix, upstream=upstreams[route.upstream], fallback=route.fallback,
+            **policies,
         ))
     return Config(
         listen=main,

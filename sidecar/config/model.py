@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.config.schema import CircuitBreaker, Limits, Retries, Timeouts
+from sidecar.config.schema import CircuitBreaker, Fallback, Limits, Outlier, Retries, Timeouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,7 @@ class Endpoint:
 class UpstreamSpec:
     name: str
     endpoints: tuple[Endpoint, ...]
+    outlier: Outlier
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class RouteSpec:
     retries: Retries
     circuit_breaker: CircuitBreaker
     limits: Limits
+    fallback: Fallback | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,10 +103,29 @@ class Route(Policies, frozen=True, kw_only=True):
     match: Match | None = None
     listen: str | None = None
     strip_prefix: bool = False
+    fallback: Fallback | None = None
+
+
+class Outlier(_Section, frozen=True):
+    """Endpoint ejection: an endpoint failing this many attempts in a row leaves the rotation."""
+
+    enabled: bool = True
+    consecutive_failures: Positive = 5
+    base_ejection: Duration = duration("30s")
+    max_ejection_percent: Annotated[int, Meta(ge=0, le=100)] = 50
 
 
 class Upstream(_Section, frozen=True):
     endpoints: Annotated[list[str], Meta(min_length=1)]
+    outlier: Outlier = msgspec.field(default_factory=Outlier)
+
+
+class Fallback(_Section, frozen=True):
+    """A canned answer served instead of the JSON error while the breaker is open or the route is full."""
+
+    status: StatusCode = 503
+    body: str = ""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Admin(_Section, frozen=True):

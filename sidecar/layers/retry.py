@@ -24,7 +24,7 @@ from aiohttp import ClientResponse
 from sidecar.body import CallerBody
 from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.schema import Retries
-from sidecar.errors import ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
+from sidecar.errors import CircuitOpen, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
 from sidecar.layers.retry_budget import RetryBudget
 from sidecar.metrics import RouteMetrics
 
@@ -47,18 +47,32 @@ def retry_layer(policy: Retries, budget: RetryBudget, metrics: RouteMetrics, jit
             if isinstance(call.body, CallerBody) and attempts > 1 and _fits(call, policy.max_body):
                 call.body = await call.body.read_all()  # small enough to replay
             retry = 0
+            previous: ClientResponse | UpstreamError | None = None
             while True:
                 failure: UpstreamError | ClientResponse
                 try:
                     failure = response = await inner(call)
+                except CircuitOpen:
+                    if previous is None:
+                        raise
+                    # The breaker opened on the attempt before this retry: the caller gets
+                    # that attempt's real answer rather than our fail-fast.
+                    return _deliver(previous)
                 except UpstreamError as error:
                     failure, reason = error, CONDITIONS.get(error.kind)
                     if reason not in on_errors:
+                        _discard(previous)
                         raise
+                except BaseException:
+                    _discard(previous)  # cancelled, or the caller failed: nothing goes back
+                    raise
                 else:
                     if response.status not in on_status:
+                        _discard(previous)
                         return response
                     reason = str(response.status)
+                _discard(previous)
+                previous = None
                 wait = min(policy.backoff.max, policy.backoff.base * 2**retry)
                 wait = jitter(0.0, wait)
                 skip = _why_not(call, attempts, reason, policy)
@@ -74,12 +88,9 @@ def retry_layer(policy: Retries, budget: RetryBudget, metrics: RouteMetrics, jit
                     skip = "budget"
                 if skip is not None:
                     metrics.retry_skipped(skip)
-                    if isinstance(failure, UpstreamError):
-                        raise failure
-                    return failure
-                if isinstance(failure, ClientResponse):
-                    failure.release()
+                    return _deliver(failure)
                 metrics.retried(reason)
+                previous = failure  # kept until the retry has an answer
                 await asyncio.sleep(wait)
                 call.avoid = call.endpoint
                 retry += 1
@@ -87,6 +98,17 @@ def retry_layer(policy: Retries, budget: RetryBudget, metrics: RouteMetrics, jit
         return with_retries
 
     return wrap
+
+
+def _deliver(failure: ClientResponse | UpstreamError) -> ClientResponse:
+    if isinstance(failure, UpstreamError):
+        raise failure
+    return failure
+
+
+def _discard(failure: ClientResponse | UpstreamError | None) -> None:
+    if isinstance(failure, ClientResponse):
+        failure.release()
 
 
 def _fits(call: Call, max_body: int) -> bool:
