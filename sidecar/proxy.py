@@ -12,7 +12,7 @@ from multidict import CIMultiDictProxy
 from sidecar.body import CallerBody
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
-from sidecar.errors import BadRequest, NoRoute, SidecarError, error_response
+from sidecar.errors import BadRequest, CallerGone, NoRoute, SidecarError, error_response
 from sidecar.headers import request_id_of, upstream_request_headers
 from sidecar.metrics import RouteMetrics
 from sidecar.relay import relay
@@ -135,6 +135,9 @@ class Listener:
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
             return await relay(request, upstream, request_id, spec.timeouts.idle, attempt_headers(call))
+        except asyncio.CancelledError:
+            status = CallerGone.status  # the caller hung up
+            raise
         finally:
             for complete in call.on_complete:
                 complete()

@@ -40,6 +40,9 @@ async def relay(
             while chunk := await content.readany():
                 await response.write(chunk)
                 watchdog.reschedule(loop.time() + idle)
+    except asyncio.CancelledError:
+        upstream.close()  # the caller hung up: drop the upstream connection too
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure mid-body ends both sides the same way
         log.debug("relay of %s aborted: %r", request_id, exc)
         upstream.close()

@@ -76,6 +76,9 @@ class Sidecar:
                 server = web.Server(
                     listener.handle, auto_decompress=False, access_log=None,
                     max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
+                    # A caller that hangs up cancels its request: the upstream attempt stops,
+                    # its slot and connection are freed, and the breaker counts nothing.
+                    handler_cancellation=True,
                 )
                 runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
                 self.bound[address] = await self._serve(runner, address)
