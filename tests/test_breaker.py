@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, route_yaml
+from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, route_yaml, wait_until
 
 
 async def sick(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
@@ -171,9 +171,7 @@ async def test_cancelled_probe_counts_neither_way(
         await probe_arrived.wait()
     caller.cancel()  # the caller hangs up while the probe is in flight
     await asyncio.gather(caller, return_exceptions=True)
-    async with asyncio.timeout(5):
-        while proxy.metric("sidecar_in_flight_requests", route="main") != 0:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: proxy.metric("sidecar_in_flight_requests", route="main") == 0)
     assert state(proxy, "half_open") == 1  # not closed by a "success", not re-opened by a "failure"
     assert proxy.metric("sidecar_circuit_breaker_transitions_total", route="main", to="open") == 1
     assert proxy.metric("sidecar_requests_total", route="main", method="GET", code="499") == 1

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream
+from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, wait_until
 
 
 class Gate:
@@ -24,9 +24,7 @@ class Gate:
         return web.Response(text="done")
 
     async def until_waiting(self, count: int) -> None:
-        async with asyncio.timeout(5):
-            while self.waiting < count:
-                await asyncio.sleep(0.005)
+        await wait_until(lambda: self.waiting >= count)
 
 
 async def status_of(client: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
@@ -79,9 +77,7 @@ async def test_pending_queue_waits_for_a_slot_then_times_out(
     first = asyncio.create_task(status_of(client, proxy.url + "/held"))
     await gate.until_waiting(1)
     queued = asyncio.create_task(status_of(client, proxy.url + "/held"))
-    async with asyncio.timeout(5):
-        while proxy.metric("sidecar_in_flight_requests", route="main") < 2:
-            await asyncio.sleep(0.005)
+    await wait_until(lambda: proxy.metric("sidecar_in_flight_requests", route="main") == 2)
     assert await status_of(client, proxy.url + "/held") == (503, "overloaded")  # the queue is full
     assert rejections(proxy, "pending") == 1
     assert await queued == (503, "overloaded")  # waited queue_timeout for the slot
@@ -100,9 +96,7 @@ async def test_a_queued_request_gets_the_slot_when_one_frees(
     first = asyncio.create_task(status_of(client, proxy.url + "/held"))
     await gate.until_waiting(1)
     queued = asyncio.create_task(status_of(client, proxy.url + "/held"))
-    async with asyncio.timeout(5):
-        while proxy.metric("sidecar_in_flight_requests", route="main") < 2:
-            await asyncio.sleep(0.005)
+    await wait_until(lambda: proxy.metric("sidecar_in_flight_requests", route="main") == 2)
     assert len(upstream.hits) == 1
     gate.release.set()
     assert await asyncio.gather(first, queued) == [(200, None), (200, None)]
