@@ -69,6 +69,22 @@ class Metrics:
             "sidecar_upstream_endpoint_ejections", "Times the endpoint was ejected.", ["upstream", "endpoint"],
             registry=registry,
         )
+        self.breaker_forced = Gauge(
+            "sidecar_circuit_breaker_forced", "1 while an operator forces the breaker open or closed (admin API).",
+            ["route"], registry=registry,
+        )
+        self.config_reloads = Counter(
+            "sidecar_config_reloads", "Config loads and reloads, by result (success, failure).", ["result"],
+            registry=registry,
+        )
+        self.config_last_success = Gauge(
+            "sidecar_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config load.",
+            registry=registry,
+        )
+        self.events_dropped = Counter(
+            "sidecar_admin_events_dropped", "Events not delivered to a slow /api/v1/events client.",
+            registry=registry,
+        )
         build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
                            ["version"], registry=registry)
         build_info.labels(__version__).set(1)

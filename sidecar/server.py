@@ -89,6 +89,8 @@ class Sidecar:
         except BaseException:
             await self.stop()
             raise
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_success.set_to_current_time()
         self.readiness.ready = True
 
     async def _serve(self, runner: web.BaseRunner, address: Address) -> tuple[str, int]:
