@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ import yaml
 from sidecar import __version__
 from sidecar.config import ConfigError, load_config
 from sidecar.config.describe import describe, json_schema
+from sidecar.logs import setup_json_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_loop_option(demo)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # bad requests are answered, not logged
+    setup_json_logging()
     if args.command == "check":
         return _check(args.path)
     if args.command == "schema":

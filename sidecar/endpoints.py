@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.config import Endpoint, UpstreamSpec
+from sidecar.events import EventBus
 from sidecar.metrics import Metrics
 
 MAX_EJECTION_SECONDS = 300.0
@@ -19,7 +20,9 @@ MAX_EJECTION_SECONDS = 300.0
 class EndpointPool:
     """One per upstream, shared by its routes."""
 
-    def __init__(self, upstream: UpstreamSpec, metrics: Metrics, clock: Callable[[], float]) -> None:
+    def __init__(self, upstream: UpstreamSpec, metrics: Metrics, clock: Callable[[], float], events: EventBus) -> None:
+        self._name = upstream.name
+        self._events = events
         self._endpoints = upstream.endpoints
         self._outlier = upstream.outlier
         self._clock = clock
@@ -71,3 +74,4 @@ class EndpointPool:
         self._ejected_until[endpoint] = now + seconds
         self._failures[endpoint] = 0
         self._ejections[endpoint].inc()
+        self._events.publish("endpoint_ejected", None, upstream=self._name, endpoint=endpoint.base, seconds=seconds)

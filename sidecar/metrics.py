@@ -130,6 +130,9 @@ class RouteMetrics:
         self._metrics.breaker_transitions.labels(self._name, state).inc()
         self.breaker_entered(state)
 
+    def breaker_forced(self, forced: bool) -> None:
+        self._metrics.breaker_forced.labels(self._name).set(1 if forced else 0)
+
     def breaker_rejected(self) -> None:
         self._metrics.breaker_rejections.labels(self._name).inc()
 

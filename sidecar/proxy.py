@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from sidecar.access_log import AccessLog
 from sidecar.body import CallerBody
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
@@ -16,6 +17,7 @@ from sidecar.errors import BadRequest, CallerGone, NoRoute, SidecarError, error_
 from sidecar.headers import request_id_of, upstream_request_headers
 from sidecar.metrics import RouteMetrics
 from sidecar.relay import relay
+from sidecar.stack import RouteState
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -29,11 +31,11 @@ UPSTREAM_MS_HEADER = "x-sidecar-upstream-ms"
 
 @dataclass(frozen=True, slots=True)
 class ActiveRoute:
-    """A route ready for traffic: its config, its built stack and its metric children."""
+    """A route ready for traffic: its config, its built stack and its runtime state."""
 
     spec: RouteSpec
     handler: Handler
-    metrics: RouteMetrics
+    state: RouteState
 
 
 def host_of(host_header: str) -> str:
@@ -94,9 +96,10 @@ def attempt_headers(call: Call) -> dict[str, str]:
 class Listener:
     """The request handler of one listening address and the routes it serves."""
 
-    def __init__(self, routes: list[ActiveRoute], unmatched: RouteMetrics) -> None:
+    def __init__(self, routes: list[ActiveRoute], unmatched: RouteMetrics, access_log: AccessLog) -> None:
         self._table = RouteTable(routes)
         self._unmatched = unmatched
+        self._access_log = access_log
         self._loop = asyncio.get_running_loop()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -106,10 +109,14 @@ class Listener:
         route = self._table.match(request.host, raw_path)
         if route is None:
             self._unmatched.answered(request.method, NoRoute.status, self._loop.time() - started)
+            if self._access_log.enabled:
+                self._access_log.record(request_id, None, request.method, raw_path, NoRoute.status,
+                                        self._loop.time() - started, 0.0, 0, None, None, NoRoute.kind)
             return error_response(NoRoute(f"no route matches {request.method} {request.path}"), None, request_id)
-        metrics = route.metrics
+        metrics = route.state.metrics
         metrics.in_flight.inc()
         status = 500
+        error_kind: str | None = None
         spec = route.spec
         call = Call(
             method=request.method,
@@ -122,6 +129,7 @@ class Listener:
                 call.max_attempts, call.timeout = caller_limits(request.headers)
                 upstream = await route.handler(call)
             except SidecarError as error:
+                error_kind = error.kind
                 response = error_response(
                     error, spec.name, request_id, call.attempts, attempt_headers(call), spec.fallback
                 )
@@ -130,16 +138,25 @@ class Listener:
                     response.force_close()  # the rest of the body is not worth reading
                 return response
             except Exception:
-                log.exception("unexpected error on route %s (request %s)", spec.name, request_id)
+                log.exception("unexpected error", extra={"route": spec.name, "request_id": request_id})
+                error_kind = SidecarError.kind
                 internal = SidecarError("the sidecar failed unexpectedly")
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
             return await relay(request, upstream, request_id, spec.timeouts.idle, attempt_headers(call))
         except asyncio.CancelledError:
-            status = CallerGone.status  # the caller hung up
+            status, error_kind = CallerGone.status, CallerGone.kind  # the caller hung up
             raise
         finally:
             for complete in call.on_complete:
                 complete()
             metrics.in_flight.dec()
-            metrics.answered(request.method, status, self._loop.time() - started)
+            duration = self._loop.time() - started
+            metrics.answered(request.method, status, duration)
+            if self._access_log.enabled:
+                breaker = route.state.breaker
+                self._access_log.record(
+                    request_id, spec.name, request.method, raw_path, status, duration, call.upstream_seconds,
+                    call.attempts, call.endpoint.base if call.endpoint else None,
+                    breaker.state if breaker else None, error_kind,
+                )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TextIO
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from sidecar.access_log import AccessLog
 from sidecar.admin import Readiness, admin_app
 from sidecar.config import Address, Config
 from sidecar.endpoints import EndpointPool
+from sidecar.events import EventBus
 from sidecar.metrics import NO_ROUTE, Metrics
 from sidecar.proxy import ActiveRoute, Listener
 from sidecar.stack import RouteState, new_route_state, route_stack
@@ -48,10 +51,14 @@ def client_session() -> aiohttp.ClientSession:
 class Sidecar:
     """A running sidecar. `start()` binds everything; `stop()` releases it."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, config: Config, registry: CollectorRegistry | None = None, log_stream: TextIO | None = None
+    ) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.events = EventBus(self.metrics)
+        self.access_log = AccessLog(config.log, log_stream)
         self.readiness = Readiness()
         self._runners: list[web.BaseRunner] = []
         self._session: aiohttp.ClientSession | None = None
@@ -63,16 +70,20 @@ class Sidecar:
     async def start(self) -> None:
         self._session = session = client_session()
         clock = asyncio.get_running_loop().time
-        pools = {upstream.name: EndpointPool(upstream, self.metrics, clock) for upstream in self.config.upstreams}
+        pools = {
+            upstream.name: EndpointPool(upstream, self.metrics, clock, self.events)
+            for upstream in self.config.upstreams
+        }
         routes = []
         for spec in self.config.routes:
-            state = new_route_state(spec, self.metrics.route(spec.name), pools[spec.upstream.name], clock)
+            metrics = self.metrics.route(spec.name)
+            state = new_route_state(spec, metrics, pools[spec.upstream.name], clock, self.events)
             self.route_states[spec.name] = state
-            routes.append(ActiveRoute(spec, route_stack(spec, session, state), state.metrics))
+            routes.append(ActiveRoute(spec, route_stack(spec, session, state), state))
         unmatched = self.metrics.route(NO_ROUTE)
         try:
             for address in self.config.listeners:
-                listener = Listener([r for r in routes if r.spec.listen == address], unmatched)
+                listener = Listener([r for r in routes if r.spec.listen == address], unmatched, self.access_log)
                 server = web.Server(
                     listener.handle, auto_decompress=False, access_log=None,
                     max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
@@ -82,15 +93,14 @@ class Sidecar:
                 )
                 runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
                 self.bound[address] = await self._serve(runner, address)
-            admin = web.AppRunner(
-                admin_app(self.registry, self.readiness), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
-            )
+            admin = web.AppRunner(admin_app(self), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
             self.admin_bound = await self._serve(admin, self.config.admin_listen)
         except BaseException:
             await self.stop()
             raise
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_success.set_to_current_time()
+        self.events.publish("config_loaded", None, routes=len(self.config.routes))
         self.readiness.ready = True
 
     async def _serve(self, runner: web.BaseRunner, address: Address) -> tuple[str, int]:
@@ -103,19 +113,21 @@ class Sidecar:
 
     async def stop(self) -> None:
         self.readiness.ready = False
+        self.events.close()  # ends /api/v1/events streams so the admin runner can stop
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self.access_log.flush()
 
 
 async def serve_until_stopped(sidecar: Sidecar, stop: asyncio.Event) -> None:
     await sidecar.start()
-    for address, (host, port) in sidecar.bound.items():
-        log.info("listening on %s:%s (%s)", host, port, address)
-    log.info("admin on http://%s:%s", *(sidecar.admin_bound or ("?", 0)))
+    listeners = [f"{host}:{port}" for host, port in sidecar.bound.values()]
+    admin = "{}:{}".format(*(sidecar.admin_bound or ("?", 0)))
+    log.info("sidecar started", extra={"listeners": listeners, "admin": admin, "routes": len(sidecar.config.routes)})
     try:
         await stop.wait()
     finally:

@@ -15,6 +15,7 @@ from aiohttp import ClientSession
 from sidecar.call import Handler, Layer
 from sidecar.config import RouteSpec
 from sidecar.endpoints import EndpointPool
+from sidecar.events import EventBus
 from sidecar.forward import forwarder
 from sidecar.layers.breaker import RouteBreaker, breaker_layer
 from sidecar.layers.deadline import deadline_layer
@@ -33,19 +34,21 @@ class RouteState:
     bulkhead: Bulkhead
     budget: RetryBudget
     breaker: RouteBreaker | None  # None when circuit_breaker.enabled is false
+    events: EventBus
 
 
 def new_route_state(
-    route: RouteSpec, metrics: RouteMetrics, endpoints: EndpointPool, clock: Callable[[], float]
+    route: RouteSpec, metrics: RouteMetrics, endpoints: EndpointPool, clock: Callable[[], float], events: EventBus
 ) -> RouteState:
     budget = route.retries.budget
     breaker = route.circuit_breaker
     return RouteState(
         metrics=metrics,
         endpoints=endpoints,
-        bulkhead=Bulkhead(route.limits, metrics),
+        bulkhead=Bulkhead(route.name, route.limits, metrics, events),
         budget=RetryBudget(budget.ratio, budget.min_per_second, clock),
-        breaker=RouteBreaker(route.name, breaker, metrics, clock) if breaker.enabled else None,
+        breaker=RouteBreaker(route.name, breaker, metrics, clock, events) if breaker.enabled else None,
+        events=events,
     )
 
 
@@ -56,7 +59,7 @@ def route_stack(route: RouteSpec, session: ClientSession, state: RouteState) -> 
         # One deadline for the whole request, so retries cannot stretch a caller's wait.
         deadline_layer(route.timeouts),
         # Retries sit outside the breaker: every attempt is seen and counted by it.
-        retry_layer(route.retries, state.budget, state.metrics),
+        retry_layer(route.name, route.retries, state.budget, state.metrics, state.events),
         # Fail fast without touching the network while the upstream is known broken.
         breaker_layer(state.breaker),
     ]

@@ -8,6 +8,8 @@ socket, never a sleep.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -106,6 +108,13 @@ class RunningSidecar:
         bound = self.sidecar.bound[Address(host, int(port))]
         return f"http://{bound[0]}:{bound[1]}"
 
+    def access_log(self) -> list[dict[str, object]]:
+        """The access log lines written so far, parsed."""
+        self.sidecar.access_log.flush()
+        stream = self.sidecar.access_log._stream
+        assert isinstance(stream, io.StringIO)
+        return [json.loads(line) for line in stream.getvalue().splitlines()]
+
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
@@ -125,7 +134,7 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
             text = "listen: 127.0.0.1:0\n" + text
         if "admin:" not in text:
             text = "admin: {listen: 127.0.0.1:0}\n" + text
-        sidecar = Sidecar(parse_config(text, env or {}), CollectorRegistry())
+        sidecar = Sidecar(parse_config(text, env or {}), CollectorRegistry(), log_stream=io.StringIO())
         await sidecar.start()
         started.append(sidecar)
         return RunningSidecar(sidecar)

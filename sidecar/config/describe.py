@@ -24,7 +24,9 @@ def plain(value: Any) -> Any:
 def describe(config: Config) -> dict[str, Any]:
     return {
         "listen": str(config.listen),
-        "admin": {"listen": str(config.admin_listen)},
+        # The admin token is a secret: say whether one is set, never what it is.
+        "admin": {"listen": str(config.admin_listen), "token": "<redacted>" if config.admin_token else None},
+        "log": plain(config.log),
         "routes": [
             {
                 "name": route.name,

@@ -124,6 +124,8 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
     return Config(
         listen=main,
         admin_listen=_address(document.admin.listen, "$.admin.listen", lines),
+        admin_token=document.admin.token or None,
+        log=document.log,
         upstreams=tuple(upstreams.values()),
         routes=tuple(routes),
     )

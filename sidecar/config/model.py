@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.config.schema import CircuitBreaker, Fallback, Limits, Outlier, Retries, Timeouts
+from sidecar.config.schema import CircuitBreaker, Fallback, Limits, Log, Outlier, Retries, Timeouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,8 @@ class RouteSpec:
 class Config:
     listen: Address
     admin_listen: Address
+    admin_token: str | None
+    log: Log
     upstreams: tuple[UpstreamSpec, ...]
     routes: tuple[RouteSpec, ...]
 

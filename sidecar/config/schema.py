@@ -130,11 +130,20 @@ class Fallback(_Section, frozen=True):
 
 class Admin(_Section, frozen=True):
     listen: str = "127.0.0.1:9901"
+    # When set, mutating admin calls need `Authorization: Bearer <token>`. Use ${SIDECAR_ADMIN_TOKEN}.
+    token: str | None = None
+
+
+class Log(_Section, frozen=True):
+    access: bool = True  # one JSON line per request on stdout
+    sample: Ratio = 1.0  # share of requests logged
+    query: bool = False  # include the query string in `path` (it may carry secrets)
 
 
 class Document(_Section, frozen=True):
     listen: str = "127.0.0.1:15001"
     admin: Admin = msgspec.field(default_factory=Admin)
+    log: Log = msgspec.field(default_factory=Log)
     defaults: Policies = msgspec.field(default_factory=Policies)
     upstreams: dict[str, Upstream] = msgspec.field(default_factory=dict)
     routes: list[Route] = msgspec.field(default_factory=list)

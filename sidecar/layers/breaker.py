@@ -15,9 +15,12 @@ pybreaker's API, so state, metrics and admin see one breaker.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any, Literal
 
 import pybreaker
 from aiohttp import ClientResponse
@@ -32,8 +35,13 @@ from sidecar.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from sidecar.events import EventBus
 from sidecar.layers.failure_rate import FailureRateWindow
 from sidecar.metrics import RouteMetrics
+
+log = logging.getLogger("sidecar.breaker")
+RECENT_FAILURES = 10
+Forced = Literal["open", "closed"]
 
 STATE_LABELS = {pybreaker.STATE_CLOSED: "closed", pybreaker.STATE_OPEN: "open", pybreaker.STATE_HALF_OPEN: "half_open"}
 # The failure_on name of each upstream error kind; an invalid response counts as a reset.
@@ -48,10 +56,16 @@ class _AttemptFailed(Exception):
 
 
 class RouteBreaker:
-    def __init__(self, route: str, policy: CircuitBreaker, metrics: RouteMetrics, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, route: str, policy: CircuitBreaker, metrics: RouteMetrics, clock: Callable[[], float], events: EventBus
+    ) -> None:
         self.route = route
         self.policy = policy
         self._metrics = metrics
+        self._events = events
+        # Set by an operator through the admin API; wins over pybreaker until reset.
+        self.forced: Forced | None = None
+        self.recent_failures: deque[dict[str, str]] = deque(maxlen=RECENT_FAILURES)
         self._rate = FailureRateWindow(policy.failure_rate, clock) if policy.failure_rate else None
         self._failure_names = frozenset(c for c in policy.failure_on if isinstance(c, str))
         self._failure_codes = frozenset(c for c in policy.failure_on if isinstance(c, int))
@@ -66,8 +80,36 @@ class RouteBreaker:
 
     @property
     def state(self) -> str:
-        """closed, open or half_open."""
-        return STATE_LABELS[self.storage.state]
+        """closed, open or half_open; a forced state wins."""
+        return self.forced or STATE_LABELS[self.storage.state]
+
+    def force(self, state: Forced | None) -> None:
+        """Force the breaker open or closed (operations override), or release it (None) to closed."""
+        self.forced = state
+        self._metrics.breaker_forced(state is not None)
+        if state is None:
+            self._probing = False
+            self.breaker.close()  # pybreaker: closed, counters reset
+            self._metrics.breaker_entered("closed")
+        else:
+            self._metrics.breaker_entered(state)
+        self._events.publish("breaker_forced", self.route, state=state or "released")
+        log.warning("breaker forced", extra={"route": self.route, "forced": state or "released"})
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the admin API shows: state, why it opened, when it probes next."""
+        opened_at = self.storage.opened_at if self.storage.state != pybreaker.STATE_CLOSED else None
+        wait = self.seconds_until_probe() if self.storage.state == pybreaker.STATE_OPEN else None
+        return {
+            "route": self.route,
+            "enabled": True,
+            "state": self.state,
+            "forced": self.forced is not None,
+            "consecutive_failures": self.storage.counter,
+            "opened_at": _iso(opened_at) if opened_at else None,
+            "next_probe_at": _iso(datetime.now(UTC).timestamp() + max(0.0, wait)) if wait is not None else None,
+            "recent_failures": list(self.recent_failures),
+        }
 
     def seconds_until_probe(self) -> float:
         opened_at = self.storage.opened_at
@@ -77,6 +119,10 @@ class RouteBreaker:
 
     def admit(self) -> bool:
         """Let an attempt through or raise CircuitOpen. True when the attempt is the half-open probe."""
+        if self.forced == "open":
+            self._reject(f"the circuit breaker of route {self.route} is forced open", self.policy.reset_timeout)
+        if self.forced == "closed":
+            return False
         state = self.storage.state
         if state == pybreaker.STATE_CLOSED:
             return False
@@ -94,17 +140,23 @@ class RouteBreaker:
         self._metrics.breaker_rejected()
         raise CircuitOpen(message, retry_after=max(1, math.ceil(wait)))
 
-    def failed_error(self, error: UpstreamError) -> bool:
-        return FAILURE_NAMES.get(error.kind) in self._failure_names
+    def failure_of_error(self, error: UpstreamError) -> str | None:
+        """The failure kind this error counts as, or None if it does not count."""
+        return error.kind if FAILURE_NAMES.get(error.kind) in self._failure_names else None
 
-    def failed_status(self, status: int) -> bool:
-        return status in self._failure_codes or ("5xx" in self._failure_names and 500 <= status <= 599)
+    def failure_of_status(self, status: int) -> str | None:
+        failed = status in self._failure_codes or ("5xx" in self._failure_names and 500 <= status <= 599)
+        return f"status_{status}" if failed else None
 
-    def record(self, failed: bool, probe: bool) -> None:
+    def record(self, failure: str | None, probe: bool) -> None:
+        """The attempt's verdict: a failure kind, or None for a success."""
         if probe:
             self._probing = False
-        elif self.storage.state != pybreaker.STATE_CLOSED:
-            return  # admitted before the breaker opened: its outcome is old news
+        elif self.forced is not None or self.storage.state != pybreaker.STATE_CLOSED:
+            return  # forced, or admitted before the breaker opened: its outcome is old news
+        failed = failure is not None
+        if failure is not None:
+            self.recent_failures.append({"kind": failure, "time": _iso(datetime.now(UTC).timestamp())})
         try:
             with self.breaker.calling():
                 if failed:
@@ -122,9 +174,12 @@ class RouteBreaker:
             self.breaker.open()
 
     def entered(self, state: str) -> None:
-        self._metrics.breaker_transition(STATE_LABELS[state])
+        label = STATE_LABELS[state]
+        self._metrics.breaker_transition(label)
         if self._rate is not None:
             self._rate.clear()
+        self._events.publish("breaker", self.route, state=label)
+        log.warning("breaker %s", label, extra={"route": self.route, "state": label})
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
@@ -153,14 +208,19 @@ def breaker_layer(breaker: RouteBreaker | None) -> Layer:
             try:
                 response = await inner(call)
             except UpstreamError as error:
-                breaker.record(breaker.failed_error(error), probe)
+                breaker.record(breaker.failure_of_error(error), probe)
                 raise
             except BaseException:
                 breaker.abandon(probe)
                 raise
-            breaker.record(breaker.failed_status(response.status), probe)
+            breaker.record(breaker.failure_of_status(response.status), probe)
             return response
 
         return guarded
 
     return wrap
+
+
+def _iso(timestamp: float | datetime) -> str:
+    moment = timestamp if isinstance(timestamp, datetime) else datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

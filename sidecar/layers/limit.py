@@ -14,11 +14,14 @@ from aiohttp import ClientResponse
 from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Limits
 from sidecar.errors import Overloaded
+from sidecar.events import EventBus
 from sidecar.metrics import RouteMetrics
 
 
 class Bulkhead:
-    def __init__(self, limits: Limits, metrics: RouteMetrics) -> None:
+    def __init__(self, route: str, limits: Limits, metrics: RouteMetrics, events: EventBus) -> None:
+        self._route = route
+        self._events = events
         self._limits = limits
         self._slots = asyncio.Semaphore(limits.max_concurrent)
         self._pending = 0
@@ -44,6 +47,7 @@ class Bulkhead:
 
     def _refuse(self, limit: str, why: str) -> None:
         self._metrics.limit_rejected(limit)
+        self._events.publish_limited("limit_rejected", self._route, limit=limit)
         raise Overloaded(f"the route is at its concurrency limit: {why}", limit)
 
     def release(self) -> None:

@@ -25,6 +25,7 @@ from sidecar.body import CallerBody
 from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.schema import Retries
 from sidecar.errors import CircuitOpen, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
+from sidecar.events import EventBus
 from sidecar.layers.retry_budget import RetryBudget
 from sidecar.metrics import RouteMetrics
 
@@ -33,7 +34,10 @@ CONDITIONS = {ConnectFailure.kind: "connect-failure", UpstreamReset.kind: "reset
 Jitter = Callable[[float, float], float]
 
 
-def retry_layer(policy: Retries, budget: RetryBudget, metrics: RouteMetrics, jitter: Jitter = random.uniform) -> Layer:
+def retry_layer(
+    route: str, policy: Retries, budget: RetryBudget, metrics: RouteMetrics, events: EventBus,
+    jitter: Jitter = random.uniform,
+) -> Layer:
     if policy.attempts <= 1:
         return passthrough
     on_errors = frozenset(c for c in policy.on if isinstance(c, str))
@@ -86,6 +90,7 @@ def retry_layer(policy: Retries, budget: RetryBudget, metrics: RouteMetrics, jit
                     skip = "deadline"
                 if skip is None and not budget.try_withdraw():
                     skip = "budget"
+                    events.publish_limited("retry_budget_exhausted", route)
                 if skip is not None:
                     metrics.retry_skipped(skip)
                     return _deliver(failure)

@@ -1,0 +1,65 @@
+"""/api/v1: routes, breakers (with operator overrides) and the live event stream."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from sidecar.config.describe import describe
+from sidecar.layers.breaker import Forced
+
+if TYPE_CHECKING:
+    from sidecar.server import Sidecar
+
+FORCED: dict[str, Forced | None] = {"open": "open", "close": "closed", "reset": None}
+HEARTBEAT_SECONDS = 15.0  # an SSE comment line keeps idle streams alive through proxies
+
+
+def add_routes(app: web.Application, sidecar: Sidecar) -> None:
+    async def routes(request: web.Request) -> web.Response:
+        return web.json_response({"routes": describe(sidecar.config)["routes"]})
+
+    def snapshot(route: str) -> dict[str, Any]:
+        breaker = sidecar.route_states[route].breaker
+        if breaker is None:
+            return {"route": route, "enabled": False, "state": None, "forced": False, "consecutive_failures": 0,
+                    "opened_at": None, "next_probe_at": None, "recent_failures": []}
+        return breaker.snapshot()
+
+    async def breakers(request: web.Request) -> web.Response:
+        return web.json_response({"breakers": [snapshot(route.name) for route in sidecar.config.routes]})
+
+    async def force(request: web.Request) -> web.Response:
+        route, action = request.match_info["route"], request.match_info["action"]
+        state = sidecar.route_states.get(route)
+        if state is None:
+            return web.json_response({"error": "unknown_route", "message": f"no route named {route}"}, status=404)
+        if state.breaker is None:
+            return web.json_response(
+                {"error": "breaker_disabled", "message": f"route {route} has circuit_breaker.enabled: false"},
+                status=409,
+            )
+        state.breaker.force(FORCED[action])
+        return web.json_response(snapshot(route))
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        bus = sidecar.events
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        with bus.subscribe() as subscriber:
+            await response.write(b": subscribed\n\n")  # the stream is live from here on
+            while not bus.closed:
+                event = await subscriber.next(HEARTBEAT_SECONDS)
+                if event is None:
+                    if not bus.closed:
+                        await response.write(b": keepalive\n\n")
+                    continue
+                await response.write(f"event: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode())
+        return response
+
+    app.router.add_get("/api/v1/routes", routes)
+    app.router.add_get("/api/v1/breakers", breakers)
+    app.router.add_post("/api/v1/breakers/{route}/{action:open|close|reset}", force)
+    app.router.add_get("/api/v1/events", events)

@@ -1,0 +1,78 @@
+"""The admin application: health, readiness, metrics, and /api/v1 (described in docs/admin-openapi.yaml)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from sidecar.admin import api_v1
+
+if TYPE_CHECKING:
+    from sidecar.server import Sidecar
+
+class Readiness:
+    """Ready once the config is loaded and every listener is bound; not ready while stopping."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+
+def json_error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": kind, "message": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Unknown paths and wrong methods answer in JSON like everything else here."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return json_error(404, "not_found", f"no admin endpoint at {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return json_error(405, "method_not_allowed", f"{request.method} is not allowed here; use {allowed}",
+                          {"Allow": allowed})
+
+
+def bearer_token(token: str | None) -> Middleware:
+    """Mutating calls need `Authorization: Bearer <admin.token>` when a token is configured."""
+
+    @web.middleware
+    async def check(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if token and request.method not in ("GET", "HEAD", "OPTIONS"):
+            sent = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                return json_error(401, "unauthorized", "this call needs Authorization: Bearer <admin token>",
+                                  {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
+
+
+def admin_app(sidecar: Sidecar) -> web.Application:
+    readiness = sidecar.readiness
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if readiness.ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    app = web.Application(middlewares=[json_errors, bearer_token(sidecar.config.admin_token)])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    # Content negotiation: Prometheus text by default, OpenMetrics when the scraper asks.
+    app.router.add_get("/metrics", make_aiohttp_handler(sidecar.registry))
+    api_v1.add_routes(app, sidecar)
+    return app
