@@ -20,11 +20,15 @@ FLUSH_AFTER = 0.05  # seconds: lines written in one batch reach the collector to
 
 class AccessLog:
     def __init__(self, policy: Log, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stdout
+        self._pending: list[str] = []
+        self.configure(policy)
+
+    def configure(self, policy: Log) -> None:
+        """Apply (re)loaded settings; lines already pending are still written."""
         self.enabled = policy.access and policy.sample > 0
         self._sample = policy.sample
         self._query = policy.query
-        self._stream = stream or sys.stdout
-        self._pending: list[str] = []
 
     def record(
         self, request_id: str, route: str | None, method: str, raw_path: str, status: int, duration: float,

@@ -21,6 +21,7 @@ class EndpointPool:
     """One per upstream, shared by its routes."""
 
     def __init__(self, upstream: UpstreamSpec, metrics: Metrics, clock: Callable[[], float], events: EventBus) -> None:
+        self.spec = upstream
         self._name = upstream.name
         self._events = events
         self._endpoints = upstream.endpoints

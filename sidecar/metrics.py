@@ -6,6 +6,8 @@ The catalogue with meanings and example queries is in docs/metrics.md.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar import __version__
@@ -147,3 +149,14 @@ class RouteMetrics:
             counter = self._requests[key] = self._metrics.requests.labels(self._name, label, str(code))
         counter.inc()
         self.duration.observe(seconds)
+
+
+def multiprocess_registry() -> CollectorRegistry | None:
+    """With several workers (PROMETHEUS_MULTIPROC_DIR set), a registry that sums every worker's files."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry

@@ -101,6 +101,13 @@ class Listener:
         self._unmatched = unmatched
         self._access_log = access_log
         self._loop = asyncio.get_running_loop()
+        # While draining, every answer says Connection: close, so callers stop reusing
+        # connections before the listener stops accepting.
+        self.draining = False
+
+    def update(self, routes: list[ActiveRoute]) -> None:
+        """Swap in a reloaded route table at once; requests in flight finish on the one they matched."""
+        self._table = RouteTable(routes)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = self._loop.time()
@@ -112,7 +119,10 @@ class Listener:
             if self._access_log.enabled:
                 self._access_log.record(request_id, None, request.method, raw_path, NoRoute.status,
                                         self._loop.time() - started, 0.0, 0, None, None, NoRoute.kind)
-            return error_response(NoRoute(f"no route matches {request.method} {request.path}"), None, request_id)
+            unmatched = error_response(NoRoute(f"no route matches {request.method} {request.path}"), None, request_id)
+            if self.draining:
+                unmatched.force_close()
+            return unmatched
         metrics = route.state.metrics
         metrics.in_flight.inc()
         status = 500
@@ -134,8 +144,8 @@ class Listener:
                     error, spec.name, request_id, call.attempts, attempt_headers(call), spec.fallback
                 )
                 status = response.status
-                if call.body is not None and not request.content.is_eof():
-                    response.force_close()  # the rest of the body is not worth reading
+                if self.draining or (call.body is not None and not request.content.is_eof()):
+                    response.force_close()  # draining, or the rest of the body is not worth reading
                 return response
             except Exception:
                 log.exception("unexpected error", extra={"route": spec.name, "request_id": request_id})
@@ -143,7 +153,9 @@ class Listener:
                 internal = SidecarError("the sidecar failed unexpectedly")
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
-            return await relay(request, upstream, request_id, spec.timeouts.idle, attempt_headers(call))
+            return await relay(
+                request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), not self.draining
+            )
         except asyncio.CancelledError:
             status, error_kind = CallerGone.status, CallerGone.kind  # the caller hung up
             raise

@@ -17,7 +17,8 @@ def has_no_body(method: str, status: int) -> bool:
 
 
 async def relay(
-    request: web.BaseRequest, upstream: ClientResponse, request_id: str, idle: float, extra: dict[str, str]
+    request: web.BaseRequest, upstream: ClientResponse, request_id: str, idle: float, extra: dict[str, str],
+    keep_alive: bool = True,
 ) -> web.StreamResponse:
     """Send `upstream` to the caller as it arrives. Bytes pass untouched (no decoding).
 
@@ -27,6 +28,8 @@ async def relay(
     headers = downstream_response_headers(upstream.headers, request_id)
     headers.update(extra)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    if not keep_alive:
+        response.force_close()
     try:
         await response.prepare(request)
         if has_no_body(request.method, upstream.status):

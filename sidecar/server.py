@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
-from typing import TextIO
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, TextIO
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar.access_log import AccessLog
-from sidecar.admin import Readiness, admin_app
-from sidecar.config import Address, Config
+from sidecar.admin import Readiness, admin_app, health_and_metrics
+from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.endpoints import EndpointPool
 from sidecar.events import EventBus
-from sidecar.metrics import NO_ROUTE, Metrics
+from sidecar.metrics import NO_ROUTE, Metrics, multiprocess_registry
 from sidecar.proxy import ActiveRoute, Listener
 from sidecar.stack import RouteState, new_route_state, route_stack
 
@@ -26,8 +31,6 @@ MAX_LINE = MAX_FIELD = 65536
 # Below the idle timeout of common upstream servers (Node's default is 5s), so we
 # rarely reuse a connection the upstream is closing at the same moment.
 UPSTREAM_KEEPALIVE = 4.0
-# How long in-flight requests may finish on stop (graceful drain is its own issue).
-SHUTDOWN_TIMEOUT = 5.0
 
 
 def client_session() -> aiohttp.ClientSession:
@@ -48,87 +51,259 @@ def client_session() -> aiohttp.ClientSession:
     return session
 
 
+@dataclass(slots=True)
+class OpenListener:
+    listener: Listener
+    runner: web.ServerRunner
+    bound: tuple[str, int]
+
+
+class ReloadError(Exception):
+    """A reload that was refused; the message is what `sidecar check` would say."""
+
+
 class Sidecar:
-    """A running sidecar. `start()` binds everything; `stop()` releases it."""
+    """A running sidecar: `start()`, `reload()`, then `drain_and_stop()` (or `stop()`)."""
 
     def __init__(
-        self, config: Config, registry: CollectorRegistry | None = None, log_stream: TextIO | None = None
+        self, config: Config, registry: CollectorRegistry | None = None, log_stream: TextIO | None = None,
+        config_path: str | None = None, reuse_port: bool = False,
     ) -> None:
         self.config = config
+        self.config_path = config_path
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.events = EventBus(self.metrics)
         self.access_log = AccessLog(config.log, log_stream)
         self.readiness = Readiness()
-        self._runners: list[web.BaseRunner] = []
+        self._reuse_port = reuse_port
         self._session: aiohttp.ClientSession | None = None
-        # Listener address as configured -> the (host, port) actually bound (port 0 picks one).
-        self.bound: dict[Address, tuple[str, int]] = {}
+        self._listeners: dict[Address, OpenListener] = {}
+        self._service_runners: list[web.BaseRunner] = []  # admin and metrics
+        self._pools: dict[str, EndpointPool] = {}
+        self._routes: dict[str, ActiveRoute] = {}
+        self._reloading = asyncio.Lock()
+        self._draining: set[asyncio.Task[None]] = set()
         self.admin_bound: tuple[str, int] | None = None
-        self.route_states: dict[str, RouteState] = {}
+        self.metrics_bound: tuple[str, int] | None = None
+
+    @property
+    def scrape_registry(self) -> CollectorRegistry:
+        return multiprocess_registry() or self.registry
+
+    @property
+    def bound(self) -> dict[Address, tuple[str, int]]:
+        """Listener address as configured -> the (host, port) actually bound (port 0 picks one)."""
+        return {address: open_.bound for address, open_ in self._listeners.items()}
+
+    @property
+    def route_states(self) -> dict[str, RouteState]:
+        return {name: route.state for name, route in self._routes.items()}
 
     async def start(self) -> None:
-        self._session = session = client_session()
-        clock = asyncio.get_running_loop().time
-        pools = {
-            upstream.name: EndpointPool(upstream, self.metrics, clock, self.events)
-            for upstream in self.config.upstreams
-        }
-        routes = []
-        for spec in self.config.routes:
-            metrics = self.metrics.route(spec.name)
-            state = new_route_state(spec, metrics, pools[spec.upstream.name], clock, self.events)
-            self.route_states[spec.name] = state
-            routes.append(ActiveRoute(spec, route_stack(spec, session, state), state))
-        unmatched = self.metrics.route(NO_ROUTE)
+        self._session = client_session()
+        self._pools, self._routes = self._build(self.config)
         try:
             for address in self.config.listeners:
-                listener = Listener([r for r in routes if r.spec.listen == address], unmatched, self.access_log)
-                server = web.Server(
-                    listener.handle, auto_decompress=False, access_log=None,
-                    max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
-                    # A caller that hangs up cancels its request: the upstream attempt stops,
-                    # its slot and connection are freed, and the breaker counts nothing.
-                    handler_cancellation=True,
-                )
-                runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
-                self.bound[address] = await self._serve(runner, address)
-            admin = web.AppRunner(admin_app(self), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
-            self.admin_bound = await self._serve(admin, self.config.admin_listen)
+                self._listeners[address] = await self._open_listener(address, self.config)
+            self.admin_bound = await self._serve(admin_app(self), self.config.admin_listen)
+            if self.config.metrics_listen is not None:
+                self.metrics_bound = await self._serve(health_and_metrics(self), self.config.metrics_listen)
         except BaseException:
             await self.stop()
             raise
-        self.metrics.config_reloads.labels("success").inc()
-        self.metrics.config_last_success.set_to_current_time()
-        self.events.publish("config_loaded", None, routes=len(self.config.routes))
+        self._loaded("started")
         self.readiness.ready = True
 
-    async def _serve(self, runner: web.BaseRunner, address: Address) -> tuple[str, int]:
+    def _build(self, config: Config) -> tuple[dict[str, EndpointPool], dict[str, ActiveRoute]]:
+        """Routes and endpoint pools for `config`, keeping those whose config did not change
+        (with their breaker state, budget and ejections)."""
+        assert self._session is not None
+        clock = asyncio.get_running_loop().time
+        pools: dict[str, EndpointPool] = {}
+        for upstream in config.upstreams:
+            old = self._pools.get(upstream.name)
+            pools[upstream.name] = old if old and old.spec == upstream else EndpointPool(
+                upstream, self.metrics, clock, self.events)
+        routes: dict[str, ActiveRoute] = {}
+        for spec in config.routes:
+            old_route = self._routes.get(spec.name)
+            if old_route is not None and old_route.spec == spec:
+                routes[spec.name] = old_route
+                continue
+            state = new_route_state(spec, self.metrics.route(spec.name), pools[spec.upstream.name], clock, self.events)
+            routes[spec.name] = ActiveRoute(spec, route_stack(spec, self._session, state), state)
+        return pools, routes
+
+    def _routes_on(self, address: Address) -> list[ActiveRoute]:
+        return [route for route in self._routes.values() if route.spec.listen == address]
+
+    async def _open_listener(self, address: Address, config: Config) -> OpenListener:
+        listener = Listener(self._routes_on(address), self.metrics.route(NO_ROUTE), self.access_log)
+        server = web.Server(
+            listener.handle, auto_decompress=False, access_log=None,
+            max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
+            # A caller that hangs up cancels its request: the upstream attempt stops,
+            # its slot and connection are freed, and the breaker counts nothing.
+            handler_cancellation=True,
+        )
+        runner = web.ServerRunner(server, shutdown_timeout=config.shutdown.timeout)
         await runner.setup()
-        self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port)
+        try:
+            return OpenListener(listener, runner, await self._start_site(runner, address))
+        except BaseException:
+            await runner.cleanup()
+            raise
+
+    async def _serve(self, app: web.Application, address: Address) -> tuple[str, int]:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        self._service_runners.append(runner)
+        return await self._start_site(runner, address)
+
+    async def _start_site(self, runner: web.BaseRunner, address: Address) -> tuple[str, int]:
+        site = web.TCPSite(runner, address.host, address.port, reuse_port=self._reuse_port or None)
         await site.start()
         sockname = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
         return sockname[0], sockname[1]
 
+    async def reload_from_file(self) -> None:
+        """Reload from `config_path`; an invalid config is refused whole (ReloadError) and the old one serves on."""
+        path = self.config_path
+        if path is None:
+            raise ReloadError("this sidecar was not started from a config file")
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            self._refused(f"{path}: {exc}")
+        await self.reload(config)
+
+    async def reload(self, config: Config) -> None:
+        async with self._reloading:
+            pools, routes = self._build(config)
+            previous = self._routes
+            self._routes = routes  # _open_listener reads it
+            opened: dict[Address, OpenListener] = {}
+            try:
+                for address in config.listeners:
+                    if address not in self._listeners:
+                        opened[address] = await self._open_listener(address, config)
+            except OSError as exc:
+                self._routes = previous
+                for open_ in opened.values():
+                    await open_.runner.cleanup()
+                self._refused(f"cannot listen on {address}: {exc.strerror or exc}")
+            for address in [a for a in self._listeners if a not in config.listeners]:
+                self._drain_in_background(self._listeners.pop(address))
+            for address, open_ in self._listeners.items():
+                open_.listener.update(self._routes_on(address))
+            self._listeners.update(opened)
+            self._pools = pools
+            if (config.admin_listen, config.metrics_listen) != (self.config.admin_listen, self.config.metrics_listen):
+                log.warning("admin.listen and metrics.listen changes take effect after a restart")
+            self.config = config
+            self.access_log.configure(config.log)
+            self._loaded("reloaded")
+
+    def _loaded(self, how: str) -> None:
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_success.set_to_current_time()
+        self.events.publish("config_loaded", None, routes=len(self.config.routes))
+        listeners = [f"{host}:{port}" for host, port in self.bound.values()]
+        log.info(f"config {how}", extra={"routes": len(self.config.routes), "listeners": listeners})
+
+    def _refused(self, message: str) -> NoReturn:
+        self.metrics.config_reloads.labels("failure").inc()
+        self.events.publish("config_reload_failed", None, message=message)
+        log.error("config reload refused; the previous config keeps serving", extra={"reason": message})
+        raise ReloadError(message)
+
+    def _drain_in_background(self, open_: OpenListener) -> None:
+        """A listener the new config dropped: stop accepting, let its requests finish."""
+        open_.listener.draining = True
+        task = asyncio.create_task(open_.runner.cleanup())
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def drain_and_stop(self) -> None:
+        """SIGTERM: not ready at once, keep serving for drain_delay, then stop (in-flight get shutdown.timeout)."""
+        self.readiness.ready = False
+        for open_ in self._listeners.values():
+            open_.listener.draining = True
+        log.info("draining", extra={"drain_delay": float(self.config.shutdown.drain_delay)})
+        await asyncio.sleep(self.config.shutdown.drain_delay)
+        await self.stop()
+
     async def stop(self) -> None:
         self.readiness.ready = False
         self.events.close()  # ends /api/v1/events streams so the admin runner can stop
-        for runner in reversed(self._runners):
+        # All traffic listeners at once: stop accepting, close idle keep-alives, wait for
+        # in-flight requests up to shutdown.timeout, then cancel what is left (open streams).
+        await asyncio.gather(*(open_.runner.cleanup() for open_ in self._listeners.values()), *self._draining)
+        self._listeners.clear()
+        for runner in self._service_runners:
             await runner.cleanup()
-        self._runners.clear()
+        self._service_runners.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
         self.access_log.flush()
 
 
-async def serve_until_stopped(sidecar: Sidecar, stop: asyncio.Event) -> None:
+async def serve_until_stopped(sidecar: Sidecar, stop: asyncio.Event, watch: float | None = None) -> None:
+    """Run until `stop` is set, reloading on SIGHUP (and on file changes with `watch` seconds)."""
     await sidecar.start()
-    listeners = [f"{host}:{port}" for host, port in sidecar.bound.values()]
-    admin = "{}:{}".format(*(sidecar.admin_bound or ("?", 0)))
-    log.info("sidecar started", extra={"listeners": listeners, "admin": admin, "routes": len(sidecar.config.routes)})
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(_reload_logged(sidecar))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    watcher = loop.create_task(watch_file(sidecar, watch)) if watch and sidecar.config_path else None
     try:
         await stop.wait()
     finally:
-        await sidecar.stop()
+        loop.remove_signal_handler(signal.SIGHUP)
+        if watcher is not None:
+            watcher.cancel()
+        await sidecar.drain_and_stop()
+
+
+async def _reload_logged(sidecar: Sidecar) -> None:
+    with contextlib.suppress(ReloadError):  # already logged and counted
+        await sidecar.reload_from_file()
+
+
+async def watch_file(sidecar: Sidecar, every: float) -> None:
+    """Reload when the config file's content changes (checked by mtime, size, then hash)."""
+    path = Path(sidecar.config_path or "")
+    seen = _fingerprint(path)
+    digest = _digest(path)
+    while True:
+        await asyncio.sleep(every)
+        now = _fingerprint(path)
+        if now == seen:
+            continue
+        seen = now
+        new_digest = _digest(path)
+        if new_digest != digest:
+            digest = new_digest
+            await _reload_logged(sidecar)
+
+
+def _fingerprint(path: Path) -> tuple[float, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime, stat.st_size
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None

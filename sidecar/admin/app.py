@@ -41,13 +41,14 @@ async def json_errors(
                           {"Allow": allowed})
 
 
-def bearer_token(token: str | None) -> Middleware:
+def bearer_token(sidecar: Sidecar) -> Middleware:
     """Mutating calls need `Authorization: Bearer <admin.token>` when a token is configured."""
 
     @web.middleware
     async def check(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        token = sidecar.config.admin_token  # read per call: a reload may change it
         if token and request.method not in ("GET", "HEAD", "OPTIONS"):
             sent = request.headers.get("Authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
@@ -58,7 +59,8 @@ def bearer_token(token: str | None) -> Middleware:
     return check
 
 
-def admin_app(sidecar: Sidecar) -> web.Application:
+def health_and_metrics(sidecar: Sidecar) -> web.Application:
+    """/healthz, /readyz and /metrics: all a prober or a scraper needs, nothing that mutates."""
     readiness = sidecar.readiness
 
     async def healthz(request: web.Request) -> web.Response:
@@ -69,10 +71,16 @@ def admin_app(sidecar: Sidecar) -> web.Application:
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready"}, status=503)
 
-    app = web.Application(middlewares=[json_errors, bearer_token(sidecar.config.admin_token)])
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # Content negotiation: Prometheus text by default, OpenMetrics when the scraper asks.
-    app.router.add_get("/metrics", make_aiohttp_handler(sidecar.registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(sidecar.scrape_registry))
+    return app
+
+
+def admin_app(sidecar: Sidecar) -> web.Application:
+    app = health_and_metrics(sidecar)
+    app.middlewares.append(bearer_token(sidecar))
     api_v1.add_routes(app, sidecar)
     return app

@@ -26,7 +26,9 @@ def describe(config: Config) -> dict[str, Any]:
         "listen": str(config.listen),
         # The admin token is a secret: say whether one is set, never what it is.
         "admin": {"listen": str(config.admin_listen), "token": "<redacted>" if config.admin_token else None},
+        "metrics": {"listen": str(config.metrics_listen) if config.metrics_listen else None},
         "log": plain(config.log),
+        "shutdown": plain(config.shutdown),
         "routes": [
             {
                 "name": route.name,

@@ -125,7 +125,11 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
         listen=main,
         admin_listen=_address(document.admin.listen, "$.admin.listen", lines),
         admin_token=document.admin.token or None,
+        metrics_listen=(
+            _address(document.metrics.listen, "$.metrics.listen", lines) if document.metrics.listen else None
+        ),
         log=document.log,
+        shutdown=document.shutdown,
         upstreams=tuple(upstreams.values()),
         routes=tuple(routes),
     )

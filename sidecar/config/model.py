@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.config.schema import CircuitBreaker, Fallback, Limits, Log, Outlier, Retries, Timeouts
+from sidecar.config.schema import CircuitBreaker, Fallback, Limits, Log, Outlier, Retries, Shutdown, Timeouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,9 @@ class Config:
     listen: Address
     admin_listen: Address
     admin_token: str | None
+    metrics_listen: Address | None
     log: Log
+    shutdown: Shutdown
     upstreams: tuple[UpstreamSpec, ...]
     routes: tuple[RouteSpec, ...]
 

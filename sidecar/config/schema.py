@@ -134,6 +134,17 @@ class Admin(_Section, frozen=True):
     token: str | None = None
 
 
+class MetricsListener(_Section, frozen=True):
+    # A second address serving only /metrics, /healthz and /readyz, e.g. 0.0.0.0:9902 so
+    # Prometheus and kubelet probes reach the pod IP while the admin API stays on loopback.
+    listen: str | None = None
+
+
+class Shutdown(_Section, frozen=True):
+    drain_delay: Duration = duration("5s")  # keep serving after SIGTERM: the app may still call out
+    timeout: Duration = duration("20s")  # then how long in-flight requests may finish
+
+
 class Log(_Section, frozen=True):
     access: bool = True  # one JSON line per request on stdout
     sample: Ratio = 1.0  # share of requests logged
@@ -143,7 +154,9 @@ class Log(_Section, frozen=True):
 class Document(_Section, frozen=True):
     listen: str = "127.0.0.1:15001"
     admin: Admin = msgspec.field(default_factory=Admin)
+    metrics: MetricsListener = msgspec.field(default_factory=MetricsListener)
     log: Log = msgspec.field(default_factory=Log)
+    shutdown: Shutdown = msgspec.field(default_factory=Shutdown)
     defaults: Policies = msgspec.field(default_factory=Policies)
     upstreams: dict[str, Upstream] = msgspec.field(default_factory=dict)
     routes: list[Route] = msgspec.field(default_factory=list)
