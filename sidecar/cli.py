@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run the sidecar until SIGINT or SIGTERM")
     run.add_argument("-c", "--config", default=os.environ.get("SIDECAR_CONFIG"),
                      help="config file (default: $SIDECAR_CONFIG)")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="worker processes sharing the ports (default 1; breaker state is per worker)")
+    run.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                     help="reload when the config file changes (checked every SECONDS, default 1)")
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     _add_loop_option(run)
 
     check = commands.add_parser("check", help="validate a config and print every route's effective policy")
@@ -50,7 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         if not args.config:
             parser.error("run needs --config PATH (or SIDECAR_CONFIG)")
-        return _run(args.config, args.loop)
+        if args.workers < 1:
+            parser.error("--workers must be at least 1")
+        if args.workers > 1:
+            from sidecar.workers import supervise
+
+            # Validate once here, so a broken config fails fast instead of in every worker.
+            try:
+                load_config(args.config)
+            except ConfigError as exc:
+                print(f"{args.config}: {exc}", file=sys.stderr)
+                return 1
+            return supervise(args.config, args.workers, args.loop, args.watch)
+        return _run(args.config, args.loop, args.watch, args.worker)
     return _demo(args)
 
 
@@ -70,7 +87,7 @@ def _check(path: str) -> int:
     return 0
 
 
-def _run(path: str, loop: str) -> int:
+def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
     from sidecar.server import Sidecar, serve_until_stopped
 
     try:
@@ -78,7 +95,11 @@ def _run(path: str, loop: str) -> int:
     except ConfigError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
-    return run_until_signal(lambda stop: serve_until_stopped(Sidecar(config), stop), loop)
+    sidecar = Sidecar(config, config_path=path, reuse_port=worker)
+    if worker:
+        # A reload through one worker's admin API reaches the others through the supervisor.
+        sidecar.on_reloaded = lambda: os.kill(os.getppid(), signal.SIGHUP)
+    return run_until_signal(lambda stop: serve_until_stopped(sidecar, stop, watch), loop)
 
 
 def _demo(args: argparse.Namespace) -> int:

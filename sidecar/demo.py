@@ -14,6 +14,7 @@ DEMO_CONFIG = """
 listen: {listen}
 admin:
   listen: {admin}
+shutdown: {{drain_delay: 0s, timeout: 1s}}   # a demo stops at once on Ctrl-C
 defaults:
   timeouts: {{connect: 500ms, per_try: 1s, total: 5s, idle: 30s}}
 upstreams:

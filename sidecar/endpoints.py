@@ -8,6 +8,7 @@ endpoints are out at once, and at least one always stays in.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from sidecar.config import Endpoint, UpstreamSpec
@@ -36,12 +37,16 @@ class EndpointPool:
         self._ejected_until = dict.fromkeys(upstream.endpoints, 0.0)
         self._times_ejected = dict.fromkeys(upstream.endpoints, 0)
         self._ejections = {e: metrics.endpoint_ejections.labels(upstream.name, e.base) for e in upstream.endpoints}
-        for endpoint in upstream.endpoints:
-            gauge = metrics.endpoint_ejected.labels(upstream.name, endpoint.base)
-            gauge.set_function(lambda endpoint=endpoint: float(self.is_ejected(endpoint)))  # type: ignore[misc]
+        self._ejected_gauges = {e: metrics.endpoint_ejected.labels(upstream.name, e.base) for e in upstream.endpoints}
+        for gauge in self._ejected_gauges.values():
+            gauge.set(0)
 
     def is_ejected(self, endpoint: Endpoint) -> bool:
         return self._ejected_until[endpoint] > self._clock()
+
+    def _maybe_returned(self, endpoint: Endpoint) -> None:
+        if not self.is_ejected(endpoint):
+            self._ejected_gauges[endpoint].set(0)
 
     def pick(self, avoid: Endpoint | None = None) -> Endpoint:
         """The next endpoint in turn that is in the rotation, skipping `avoid` (one that just
@@ -75,4 +80,7 @@ class EndpointPool:
         self._ejected_until[endpoint] = now + seconds
         self._failures[endpoint] = 0
         self._ejections[endpoint].inc()
+        self._ejected_gauges[endpoint].set(1)
+        # Set, not computed at scrape time, so it also works in multiprocess (workers) mode.
+        asyncio.get_running_loop().call_later(seconds, self._maybe_returned, endpoint)
         self._events.publish("endpoint_ejected", None, upstream=self._name, endpoint=endpoint.base, seconds=seconds)

@@ -110,6 +110,10 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
+class ReloadError(Exception):
+    """A config reload that was refused; the message is what `sidecar check` would say."""
+
+
 def error_response(
     error: SidecarError,
     route: str | None,

@@ -31,6 +31,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "sidecar_in_flight_requests", "Requests being handled now.", ["route"], registry=registry,
+            multiprocess_mode="livesum",
         )
         self.attempts = Counter(
             "sidecar_upstream_attempts", "Attempts sent upstream, by outcome.", ["route", "outcome"], registry=registry,
@@ -50,6 +51,7 @@ class Metrics:
         self.breaker_state = Gauge(
             "sidecar_circuit_breaker_state", "1 for the breaker's current state (closed, open, half_open), else 0.",
             ["route", "state"], registry=registry,
+            multiprocess_mode="liveall",  # per worker: each has its own breakers and pools
         )
         self.breaker_transitions = Counter(
             "sidecar_circuit_breaker_transitions", "Breaker state changes, by the state entered.", ["route", "to"],
@@ -66,6 +68,7 @@ class Metrics:
         self.endpoint_ejected = Gauge(
             "sidecar_upstream_endpoint_ejected", "1 while the endpoint is ejected from the rotation.",
             ["upstream", "endpoint"], registry=registry,
+            multiprocess_mode="liveall",  # per worker: each has its own breakers and pools
         )
         self.endpoint_ejections = Counter(
             "sidecar_upstream_endpoint_ejections", "Times the endpoint was ejected.", ["upstream", "endpoint"],
@@ -74,6 +77,7 @@ class Metrics:
         self.breaker_forced = Gauge(
             "sidecar_circuit_breaker_forced", "1 while an operator forces the breaker open or closed (admin API).",
             ["route"], registry=registry,
+            multiprocess_mode="liveall",  # per worker: each has its own breakers and pools
         )
         self.config_reloads = Counter(
             "sidecar_config_reloads", "Config loads and reloads, by result (success, failure).", ["result"],
@@ -81,14 +85,14 @@ class Metrics:
         )
         self.config_last_success = Gauge(
             "sidecar_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config load.",
-            registry=registry,
+            registry=registry, multiprocess_mode="max",
         )
         self.events_dropped = Counter(
             "sidecar_admin_events_dropped", "Events not delivered to a slow /api/v1/events client.",
             registry=registry,
         )
         build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
-                           ["version"], registry=registry)
+                           ["version"], registry=registry, multiprocess_mode="max")
         build_info.labels(__version__).set(1)
 
     def route(self, name: str) -> RouteMetrics:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -19,6 +20,7 @@ from sidecar.access_log import AccessLog
 from sidecar.admin import Readiness, admin_app, health_and_metrics
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.endpoints import EndpointPool
+from sidecar.errors import ReloadError
 from sidecar.events import EventBus
 from sidecar.metrics import NO_ROUTE, Metrics, multiprocess_registry
 from sidecar.proxy import ActiveRoute, Listener
@@ -58,10 +60,6 @@ class OpenListener:
     bound: tuple[str, int]
 
 
-class ReloadError(Exception):
-    """A reload that was refused; the message is what `sidecar check` would say."""
-
-
 class Sidecar:
     """A running sidecar: `start()`, `reload()`, then `drain_and_stop()` (or `stop()`)."""
 
@@ -86,6 +84,8 @@ class Sidecar:
         self._draining: set[asyncio.Task[None]] = set()
         self.admin_bound: tuple[str, int] | None = None
         self.metrics_bound: tuple[str, int] | None = None
+        # Called after a reload through the admin API (set by a worker to reach its siblings).
+        self.on_reloaded: Callable[[], None] | None = None
 
     @property
     def scrape_registry(self) -> CollectorRegistry:
@@ -112,7 +112,7 @@ class Sidecar:
         except BaseException:
             await self.stop()
             raise
-        self._loaded("started")
+        self._loaded("sidecar started")
         self.readiness.ready = True
 
     def _build(self, config: Config) -> tuple[dict[str, EndpointPool], dict[str, ActiveRoute]]:
@@ -203,14 +203,14 @@ class Sidecar:
                 log.warning("admin.listen and metrics.listen changes take effect after a restart")
             self.config = config
             self.access_log.configure(config.log)
-            self._loaded("reloaded")
+            self._loaded("config reloaded")
 
     def _loaded(self, how: str) -> None:
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_success.set_to_current_time()
         self.events.publish("config_loaded", None, routes=len(self.config.routes))
         listeners = [f"{host}:{port}" for host, port in self.bound.values()]
-        log.info(f"config {how}", extra={"routes": len(self.config.routes), "listeners": listeners})
+        log.info(how, extra={"routes": len(self.config.routes), "listeners": listeners})
 
     def _refused(self, message: str) -> NoReturn:
         self.metrics.config_reloads.labels("failure").inc()

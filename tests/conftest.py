@@ -13,6 +13,7 @@ import json
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -123,18 +124,28 @@ class RunningSidecar:
 SidecarFactory = Callable[..., Awaitable[RunningSidecar]]
 
 
+def with_test_listeners(text: str) -> str:
+    """`listen` and `admin` default to ephemeral loopback ports in tests."""
+    text = textwrap.dedent(text)
+    if "\nlisten:" not in "\n" + text:
+        text = "listen: 127.0.0.1:0\n" + text
+    if "admin:" not in text:
+        text = "admin: {listen: 127.0.0.1:0}\n" + text
+    return text
+
+
 @pytest.fixture
 async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
     """Start a sidecar from YAML text; `listen` and `admin` default to ephemeral loopback ports."""
     started: list[Sidecar] = []
 
-    async def make(text: str, env: dict[str, str] | None = None) -> RunningSidecar:
-        text = textwrap.dedent(text)
-        if "\nlisten:" not in "\n" + text:
-            text = "listen: 127.0.0.1:0\n" + text
-        if "admin:" not in text:
-            text = "admin: {listen: 127.0.0.1:0}\n" + text
-        sidecar = Sidecar(parse_config(text, env or {}), CollectorRegistry(), log_stream=io.StringIO())
+    async def make(text: str, env: dict[str, str] | None = None, config_file: Path | None = None) -> RunningSidecar:
+        """With `config_file`, the text is written there and the sidecar can reload from it."""
+        text = with_test_listeners(text)
+        if config_file is not None:
+            config_file.write_text(text)
+        sidecar = Sidecar(parse_config(text, env or {}), CollectorRegistry(), log_stream=io.StringIO(),
+                          config_path=str(config_file) if config_file else None)
         await sidecar.start()
         started.append(sidecar)
         return RunningSidecar(sidecar)

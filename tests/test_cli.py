@@ -81,6 +81,7 @@ async def test_run_forwards_traffic_and_exits_zero_on_sigterm(
     config.write_text(f"""
 listen: 127.0.0.1:{port}
 admin: {{listen: 127.0.0.1:{admin_port}}}
+shutdown: {{drain_delay: 100ms, timeout: 2s}}
 upstreams:
   up: {{endpoints: ["${{UP_URL}}"]}}
 routes:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from sidecar.config.describe import describe
+from sidecar.errors import ReloadError
 from sidecar.layers.breaker import Forced
 
 if TYPE_CHECKING:
@@ -62,4 +63,14 @@ def add_routes(app: web.Application, sidecar: Sidecar) -> None:
     app.router.add_get("/api/v1/routes", routes)
     app.router.add_get("/api/v1/breakers", breakers)
     app.router.add_post("/api/v1/breakers/{route}/{action:open|close|reset}", force)
+    async def reload(request: web.Request) -> web.Response:
+        try:
+            await sidecar.reload_from_file()
+        except ReloadError as exc:
+            return web.json_response({"error": "invalid_config", "message": str(exc)}, status=400)
+        if sidecar.on_reloaded is not None:
+            sidecar.on_reloaded()  # with workers: tell the supervisor, which tells the others
+        return web.json_response({"status": "reloaded", "routes": [route.name for route in sidecar.config.routes]})
+
     app.router.add_get("/api/v1/events", events)
+    app.router.add_post("/api/v1/reload", reload)
