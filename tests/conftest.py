@@ -192,5 +192,5 @@ routes:
 async def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> None:
     """Poll a condition that has no event to wait on (a metric, a counter), bounded in time."""
     async with asyncio.timeout(limit):
-        while not condition():  # noqa: ASYNC110 - nothing to subscribe to
+        while not condition():
             await asyncio.sleep(0.005)
