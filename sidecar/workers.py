@@ -59,7 +59,7 @@ def supervise(config_path: str, workers: int, loop: str, watch: float | None) ->
             for slot, process in enumerate(processes):
                 if process.poll() is None or stopping:
                     continue
-                _mark_dead(process.pid)
+                _mark_dead(process.pid, metrics_dir)
                 log.error("worker died; restarting it", extra={"pid": process.pid, "code": process.returncode})
                 now = time.monotonic()
                 restarts = [moment for moment in restarts if now - moment < RESTART_WINDOW_SECONDS] + [now]
@@ -90,8 +90,11 @@ def _start(command: list[str], env: dict[str, str], slot: int) -> subprocess.Pop
     return process
 
 
-def _mark_dead(pid: int) -> None:
+def _mark_dead(pid: int, metrics_dir: str) -> None:
     """Drop a dead worker's live gauges from the shared metrics files."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    try:
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+    except OSError:
+        log.exception("could not clear a dead worker's gauges", extra={"pid": pid})

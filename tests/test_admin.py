@@ -112,3 +112,24 @@ async def test_metrics_speak_openmetrics_when_asked(
         text = await response.text()
     assert text.endswith("# EOF\n")
     assert 'sidecar_requests_total{code="200",method="GET",route="main"} 1.0' in text
+
+
+async def test_metrics_listener_serves_probes_and_metrics_but_not_the_admin_api(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await sidecar_factory("metrics: {listen: 127.0.0.1:0}\n" + route_yaml(upstream.url))
+    host, port = proxy.sidecar.metrics_bound or ("", 0)
+    base = f"http://{host}:{port}"
+    async with client.get(proxy.url + "/x"):
+        pass
+    for path in ("/healthz", "/readyz"):
+        async with client.get(base + path) as response:
+            assert response.status == 200
+    async with client.get(base + "/metrics") as response:
+        assert 'sidecar_requests_total{code="200",method="GET",route="main"} 1.0' in await response.text()
+    for method, path in (("GET", "/api/v1/routes"), ("POST", "/api/v1/breakers/main/open"),
+                         ("POST", "/api/v1/reload")):
+        async with client.request(method, base + path) as response:
+            assert response.status == 404
+    async with client.get(proxy.admin + "/api/v1/routes") as response:
+        assert response.status == 200

@@ -1,0 +1,80 @@
+"""Graceful shutdown under load: not ready at once, serving through the drain delay, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import Hit, Upstream
+from tests.test_cli import free_port, wait_ready
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_drains_without_failing_a_request_started_before_the_listener_closed(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    async def slowish(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        await asyncio.sleep(0.02)
+        return web.Response(text="ok")
+
+    async def long(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        await asyncio.sleep(1.0)  # still running when the listener closes
+        return web.Response(text="finished")
+
+    upstream.on("/work", slowish)
+    upstream.on("/long", long)
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+admin: {{listen: 127.0.0.1:{admin_port}}}
+shutdown: {{drain_delay: 500ms, timeout: 5s}}
+log: {{access: false}}
+upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}
+routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
+""")
+    process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    await asyncio.to_thread(wait_ready, admin, process)  # type: ignore[arg-type]
+    ok = refused = 0
+    failures: list[str] = []
+
+    async def caller(session: aiohttp.ClientSession) -> None:
+        nonlocal ok, refused
+        for _ in range(5000):  # bounded: ends when the listener refuses connections
+            try:
+                async with session.get(base + "/work") as response:
+                    assert await response.text() == "ok"
+                    ok += 1
+            except aiohttp.ClientConnectorError:
+                refused += 1  # never started: the listener was closed
+                return
+            except (aiohttp.ClientError, AssertionError) as exc:
+                failures.append(repr(exc))
+                return
+
+    async with aiohttp.ClientSession() as session:
+        callers = [asyncio.create_task(caller(session)) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        served_before = ok
+        process.send_signal(signal.SIGTERM)
+        long_request = asyncio.create_task(session.get(base + "/long"))  # starts inside the drain delay
+        async with asyncio.timeout(5), session.get(admin + "/readyz") as response:
+            assert response.status == 503  # at once: no new traffic should be sent here
+        await asyncio.sleep(0.2)
+        assert ok > served_before  # still serving during the drain delay
+        await asyncio.gather(*callers)
+        long_response = await long_request
+        assert long_response.status == 200 and await long_response.text() == "finished"
+        long_response.close()
+    assert failures == []
+    assert refused == 8 and ok > 0
+    assert await asyncio.to_thread(process.wait, 15) == 0

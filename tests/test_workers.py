@@ -1,0 +1,90 @@
+"""Workers: N processes share the ports, metrics add up, a dead worker comes back, signals reach all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Upstream, wait_until
+from tests.test_cli import free_port, get, wait_ready
+
+
+def scrape_value(text: str, series: str) -> float:
+    """Sum of the samples of one series name and label set prefix (several `pid` series add up)."""
+    pattern = re.compile(rf"^{re.escape(series)}[^ ]* ([0-9.e+]+)$", re.MULTILINE)
+    return sum(float(value) for value in pattern.findall(text))
+
+
+def worker_pids(stderr_path: Path) -> list[int]:
+    pids = []
+    for line in stderr_path.read_text().splitlines():
+        if line.startswith("{") and json.loads(line).get("message") == "worker started":
+            pids.append(json.loads(line)["pid"])
+    return pids
+
+
+@pytest.mark.timeout(90)
+async def test_two_workers_share_the_port_add_up_metrics_restart_and_take_signals(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+admin: {{listen: 127.0.0.1:{admin_port}}}
+shutdown: {{drain_delay: 100ms, timeout: 2s}}
+log: {{access: false}}
+upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}
+routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
+""")
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config), "--workers", "2"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+        await wait_until(lambda: len(worker_pids(stderr_path)) == 2)
+        await asyncio.to_thread(wait_ready, admin, process)  # type: ignore[arg-type]
+        # Both workers must be up before traffic, or one would take it all.
+        await wait_until(lambda: stderr_path.read_text().count('"sidecar started"') == 2, limit=15)
+
+        for _ in range(100):  # a new connection each time, so the kernel spreads them over the workers
+            assert (await asyncio.to_thread(get, base + "/x"))[0] == 200
+        assert len(upstream.hits) == 100
+        for _ in range(5):  # whichever worker answers the scrape, the sum is the same
+            metrics = (await asyncio.to_thread(get, admin + "/metrics"))[1].decode()
+            assert scrape_value(metrics, 'sidecar_requests_total{code="200",method="GET",route="main"}') == 100
+            assert len(set(re.findall(r'sidecar_circuit_breaker_state\{pid="(\d+)"', metrics))) == 2
+
+        process.send_signal(signal.SIGHUP)  # forwarded: every worker reloads
+        await wait_until(lambda: stderr_path.read_text().count('"config reloaded"') == 2, limit=15)
+
+        first, second = worker_pids(stderr_path)
+        os.kill(first, signal.SIGKILL)
+        await wait_until(lambda: len(worker_pids(stderr_path)) == 3, limit=15)  # a replacement started
+        await wait_until(lambda: stderr_path.read_text().count('"sidecar started"') == 3, limit=15)
+        for _ in range(20):
+            assert (await asyncio.to_thread(get, base + "/y"))[0] == 200
+        metrics = (await asyncio.to_thread(get, admin + "/metrics"))[1].decode()
+        # The dead worker's requests still count; its live gauges are gone.
+        assert scrape_value(metrics, 'sidecar_requests_total{code="200",method="GET",route="main"}') == 120
+        assert f'pid="{first}"' not in metrics.split("sidecar_circuit_breaker_state", 1)[1].split("# HELP", 1)[0]
+        assert scrape_value(metrics, "sidecar_in_flight_requests{") == 0
+
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+        for pid in (second, worker_pids(stderr_path)[2]):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
