@@ -180,3 +180,26 @@ def test_describe_matches_what_check_prints() -> None:
 def test_error_type_is_config_error() -> None:
     with pytest.raises(ConfigError):
         parse_config("routes: 5", {})
+
+
+def test_secrets_from_the_environment_never_show(tmp_path: Path) -> None:
+    text = """
+admin: {listen: 127.0.0.1:9901, token: "${SIDECAR_ADMIN_TOKEN}"}
+upstreams:
+  up: {endpoints: ["http://${UPSTREAM_HOST}:8081"]}
+routes:
+  - name: main
+    match: {path_prefix: /}
+    upstream: up
+    fallback: {status: 503, headers: {X-Api-Key: "${PARTNER_API_KEY}"}}
+"""
+    env = {"UPSTREAM_HOST": "127.0.0.1", "SIDECAR_ADMIN_TOKEN": "tok-123456", "PARTNER_API_KEY": "key-987654"}
+    result = check(write(tmp_path, text), env)
+    assert result.returncode == 0, result.stderr
+    assert "tok-123456" not in result.stdout and "key-987654" not in result.stdout
+    assert result.stdout.count("<redacted>") == 2
+    assert "http://127.0.0.1:8081" in result.stdout  # only secret-named variables hide
+    broken = text.replace("upstream: up", "upstream: tok-123456")
+    result = check(write(tmp_path, broken), env)
+    assert result.returncode == 1 and "unknown upstream `<redacted>`" in result.stderr
+    assert "tok-123456" not in result.stderr

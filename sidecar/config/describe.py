@@ -8,6 +8,7 @@ import msgspec
 
 from sidecar.config.model import Config
 from sidecar.config.schema import POLICY_SECTIONS
+from sidecar.config.source import redact
 from sidecar.config.units import Duration, Size
 
 
@@ -22,6 +23,22 @@ def plain(value: Any) -> Any:
 
 
 def describe(config: Config) -> dict[str, Any]:
+    """What `sidecar check` and /api/v1/routes show; secrets from the environment are redacted."""
+    shown: dict[str, Any] = _redacted(_describe(config), config.secrets)
+    return shown
+
+
+def _redacted(value: Any, secrets: frozenset[str]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {key: _redacted(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item, secrets) for item in value]
+    return value
+
+
+def _describe(config: Config) -> dict[str, Any]:
     return {
         "listen": str(config.listen),
         # The admin token is a secret: say whether one is set, never what it is.

@@ -5,6 +5,7 @@ Errors are raised as `ConfigError` with the key path and line, never a traceback
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from yarl import URL
 
 from sidecar.config import schema
 from sidecar.config.model import Address, Config, Endpoint, RouteSpec, UpstreamSpec
-from sidecar.config.source import ConfigError, Lines, expand_env, parse_yaml, where
+from sidecar.config.source import ConfigError, Lines, expand_env, parse_yaml, redact, where
 from sidecar.config.units import decode_hook
 
 T = TypeVar("T")
@@ -38,9 +39,16 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping of keys (listen, admin, defaults, upstreams, routes)")
-    data = expand_env(raw, env, lines)
-    document = _convert(data, schema.Document, "$", lines, data)
-    return _build(document, data, lines)
+    secrets: set[str] = set()
+    data = expand_env(raw, env, lines, secrets=secrets)
+    if isinstance(data.get("admin"), dict) and isinstance(data["admin"].get("token"), str):
+        secrets.add(data["admin"]["token"])  # a token written inline is a secret too
+    try:
+        document = _convert(data, schema.Document, "$", lines, data)
+        config = _build(document, data, lines)
+    except ConfigError as exc:
+        raise ConfigError(redact(str(exc), secrets)) from None
+    return dataclasses.replace(config, secrets=frozenset(s for s in secrets if s))
 
 
 def _convert(value: Any, kind: type[T], path: str, lines: Lines, root: Any = None) -> T:

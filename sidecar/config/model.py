@@ -56,6 +56,8 @@ class Config:
     shutdown: Shutdown
     upstreams: tuple[UpstreamSpec, ...]
     routes: tuple[RouteSpec, ...]
+    # Values that came from secret-named environment variables: redacted wherever shown.
+    secrets: frozenset[str] = frozenset()
 
     @property
     def listeners(self) -> tuple[Address, ...]:

@@ -80,12 +80,31 @@ def _index(node: yaml.Node, path: str, lines: Lines) -> None:
             _index(item, f"{path}[{index}]", lines)
 
 
-def expand_env(data: Any, env: Mapping[str, str], lines: Lines, path: str = "$") -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in string values; `$$` is a literal `$`."""
+# Variables whose values are secrets: never printed by `check`, the admin API, logs or errors.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|API_?KEY|PRIVATE|AUTH", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(text: str, secrets: frozenset[str] | set[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def expand_env(
+    data: Any, env: Mapping[str, str], lines: Lines, path: str = "$", secrets: set[str] | None = None
+) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in string values; `$$` is a literal `$`.
+
+    Values of variables named like secrets (SECRET_NAME) are added to `secrets`.
+    """
+    if secrets is None:
+        secrets = set()
     if isinstance(data, dict):
-        return {key: expand_env(value, env, lines, f"{path}.{key}") for key, value in data.items()}
+        return {key: expand_env(value, env, lines, f"{path}.{key}", secrets) for key, value in data.items()}
     if isinstance(data, list):
-        return [expand_env(item, env, lines, f"{path}[{index}]") for index, item in enumerate(data)]
+        return [expand_env(item, env, lines, f"{path}[{index}]", secrets) for index, item in enumerate(data)]
     if not isinstance(data, str) or "$" not in data:
         return data
 
@@ -97,7 +116,9 @@ def expand_env(data: Any, env: Mapping[str, str], lines: Lines, path: str = "$")
         if value is None or (value == "" and default is not None):
             if default is None:
                 raise ConfigError(f"environment variable {name} is not set, {where(path, lines)}")
-            return default
+            value = default
+        if SECRET_NAME.search(name):
+            secrets.add(value)
         return value
 
     return _ENV.sub(substitute, data)
