@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader
 
-from sidecar.errors import CallerGone, RequestBodyTimeout
+from sidecar.errors import CallerGone, PayloadTooLarge, RequestBodyTimeout
 
 
 class CallerBody:
@@ -19,11 +19,12 @@ class CallerBody:
     the upstream's.
     """
 
-    __slots__ = ("_content", "_idle", "started")
+    __slots__ = ("_content", "_idle", "_max_body", "started")
 
-    def __init__(self, content: StreamReader, idle: float) -> None:
+    def __init__(self, content: StreamReader, idle: float, max_body: int | None = None) -> None:
         self._content = content
         self._idle = idle
+        self._max_body = max_body
         self.started = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -31,6 +32,7 @@ class CallerBody:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         self.started = True
+        received = 0
         while True:
             try:
                 async with asyncio.timeout(self._idle):
@@ -41,6 +43,10 @@ class CallerBody:
                 raise CallerGone("the caller closed the connection while sending the body") from None
             if not chunk:
                 return
+            received += len(chunk)
+            if self._max_body is not None and received > self._max_body:
+                # Raised mid-stream: the upstream sees a broken body, the caller a 413.
+                raise PayloadTooLarge(f"the request body is larger than {self._max_body} bytes")
             yield chunk
 
     async def read_all(self) -> bytes:

@@ -3,7 +3,10 @@
     SidecarError                   a response the sidecar makes itself
     +-- NoRoute                    404 no_route: nothing matches; never forwarded
     +-- CallerError                the caller's request is at fault
-    |   +-- BadRequest             400 bad_request: e.g. a malformed x-sidecar-* header
+    |   +-- BadRequest             400 bad_request: absolute-form target, dot-segments, bad x-sidecar-* header
+    |   +-- MethodNotAllowed       405 method_not_allowed: CONNECT (this is not a forward proxy)
+    |   +-- PayloadTooLarge        413 payload_too_large: body over the route's limits.max_body
+    |   +-- UriTooLong             414 uri_too_long: request line over server.max_request_line
     |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
     +-- Shed                       refused to protect the upstream or the route; never retried
@@ -54,6 +57,21 @@ class CallerError(SidecarError):
 class BadRequest(CallerError):
     kind = "bad_request"
     status = 400
+
+
+class MethodNotAllowed(CallerError):
+    kind = "method_not_allowed"
+    status = 405
+
+
+class PayloadTooLarge(CallerError):
+    kind = "payload_too_large"
+    status = 413
+
+
+class UriTooLong(CallerError):
+    kind = "uri_too_long"
+    status = 414
 
 
 class RequestBodyTimeout(CallerError):

@@ -13,10 +13,12 @@ from sidecar.access_log import AccessLog
 from sidecar.body import CallerBody
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
-from sidecar.errors import BadRequest, CallerGone, NoRoute, SidecarError, error_response
+from sidecar.config.schema import Server
+from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError, error_response
 from sidecar.headers import request_id_of, upstream_request_headers
 from sidecar.metrics import RouteMetrics
 from sidecar.relay import relay
+from sidecar.request_checks import refusal
 from sidecar.stack import RouteState
 
 log = logging.getLogger("sidecar.proxy")
@@ -96,8 +98,11 @@ def attempt_headers(call: Call) -> dict[str, str]:
 class Listener:
     """The request handler of one listening address and the routes it serves."""
 
-    def __init__(self, routes: list[ActiveRoute], unmatched: RouteMetrics, access_log: AccessLog) -> None:
+    def __init__(
+        self, routes: list[ActiveRoute], unmatched: RouteMetrics, access_log: AccessLog, limits: Server
+    ) -> None:
         self._table = RouteTable(routes)
+        self.limits = limits
         self._unmatched = unmatched
         self._access_log = access_log
         self._loop = asyncio.get_running_loop()
@@ -113,16 +118,18 @@ class Listener:
         started = self._loop.time()
         request_id = request_id_of(request.headers)
         raw_path = request.raw_path
-        route = self._table.match(request.host, raw_path)
+        refused = refusal(request, raw_path, self.limits)
+        route = self._table.match(request.host, raw_path) if refused is None else None
         if route is None:
-            self._unmatched.answered(request.method, NoRoute.status, self._loop.time() - started)
+            error = refused or NoRoute(f"no route matches {request.method} {request.path}")
+            self._unmatched.answered(request.method, error.status, self._loop.time() - started)
             if self._access_log.enabled:
-                self._access_log.record(request_id, None, request.method, raw_path, NoRoute.status,
-                                        self._loop.time() - started, 0.0, 0, None, None, NoRoute.kind)
-            unmatched = error_response(NoRoute(f"no route matches {request.method} {request.path}"), None, request_id)
-            if self.draining:
-                unmatched.force_close()
-            return unmatched
+                self._access_log.record(request_id, None, request.method, raw_path, error.status,
+                                        self._loop.time() - started, 0.0, 0, None, None, error.kind)
+            unrouted = error_response(error, None, request_id)
+            if self.draining or refused is not None:
+                unrouted.force_close()  # a refused request's framing or intent is in doubt
+            return unrouted
         metrics = route.state.metrics
         metrics.in_flight.inc()
         status = 500
@@ -132,11 +139,13 @@ class Listener:
             method=request.method,
             target=upstream_target(spec, raw_path),
             headers=upstream_request_headers(request.headers, request.remote, request.scheme, request_id),
-            body=CallerBody(request.content, spec.timeouts.idle) if request.body_exists else None,
+            body=CallerBody(request.content, spec.timeouts.idle, spec.limits.max_body) if request.body_exists else None,
         )
         try:
             try:
                 call.max_attempts, call.timeout = caller_limits(request.headers)
+                if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
+                    raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")
                 upstream = await route.handler(call)
             except SidecarError as error:
                 error_kind = error.kind

@@ -23,6 +23,7 @@ from sidecar.endpoints import EndpointPool
 from sidecar.errors import ReloadError
 from sidecar.events import EventBus
 from sidecar.metrics import NO_ROUTE, Metrics, multiprocess_registry
+from sidecar.protocol import GuardedServer
 from sidecar.proxy import ActiveRoute, Listener
 from sidecar.stack import RouteState, new_route_state, route_stack
 
@@ -139,10 +140,14 @@ class Sidecar:
         return [route for route in self._routes.values() if route.spec.listen == address]
 
     async def _open_listener(self, address: Address, config: Config) -> OpenListener:
-        listener = Listener(self._routes_on(address), self.metrics.route(NO_ROUTE), self.access_log)
-        server = web.Server(
-            listener.handle, auto_decompress=False, access_log=None,
-            max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
+        limits = config.server
+        listener = Listener(self._routes_on(address), self.metrics.route(NO_ROUTE), self.access_log, limits)
+        server = GuardedServer(
+            listener.handle, limits, auto_decompress=False, access_log=None,
+            # The request line is checked against our own limit (414) in request_checks;
+            # the parser's cap on it is only a backstop.
+            max_line_size=MAX_LINE, max_field_size=limits.max_header_size, max_headers=limits.max_headers,
+            keepalive_timeout=limits.keepalive_timeout,
             # A caller that hangs up cancels its request: the upstream attempt stops,
             # its slot and connection are freed, and the breaker counts nothing.
             handler_cancellation=True,
@@ -197,6 +202,7 @@ class Sidecar:
                 self._drain_in_background(self._listeners.pop(address))
             for address, open_ in self._listeners.items():
                 open_.listener.update(self._routes_on(address))
+                open_.listener.limits = config.server  # checks per request; parser sizes need a restart
             self._listeners.update(opened)
             self._pools = pools
             if (config.admin_listen, config.metrics_listen) != (self.config.admin_listen, self.config.metrics_listen):

@@ -46,6 +46,7 @@ def _describe(config: Config) -> dict[str, Any]:
         "metrics": {"listen": str(config.metrics_listen) if config.metrics_listen else None},
         "log": plain(config.log),
         "shutdown": plain(config.shutdown),
+        "server": plain(config.server),
         "routes": [
             {
                 "name": route.name,

@@ -6,6 +6,7 @@ Errors are raised as `ConfigError` with the key path and line, never a traceback
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -93,6 +94,13 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
         for name, spec in document.upstreams.items()
     }
     main = _address(document.listen, "$.listen", lines)
+    admin = _address(document.admin.listen, "$.admin.listen", lines)
+    if not _is_loopback(admin.host) and not document.admin.token:
+        raise ConfigError(
+            f"admin.listen {admin} is not a loopback address: the admin API can change breakers and reload the "
+            f"config, so set admin.token (e.g. ${{SIDECAR_ADMIN_TOKEN}}) or listen on 127.0.0.1 "
+            f"{where('$.admin.listen', lines)}"
+        )
     defaults = data.get("defaults") or {}
     routes: list[RouteSpec] = []
     names: set[str] = set()
@@ -131,13 +139,14 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
         ))
     return Config(
         listen=main,
-        admin_listen=_address(document.admin.listen, "$.admin.listen", lines),
+        admin_listen=admin,
         admin_token=document.admin.token or None,
         metrics_listen=(
             _address(document.metrics.listen, "$.metrics.listen", lines) if document.metrics.listen else None
         ),
         log=document.log,
         shutdown=document.shutdown,
+        server=document.server,
         upstreams=tuple(upstreams.values()),
         routes=tuple(routes),
     )
@@ -179,6 +188,15 @@ def _address(text: str, path: str, lines: Lines) -> Address:
     if port > 65535:
         raise ConfigError(f"port {port} is out of range {where(path, lines)}")
     return Address(host, port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _endpoint(text: str, path: str, lines: Lines) -> Endpoint:

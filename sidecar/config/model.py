@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sidecar.config.schema import CircuitBreaker, Fallback, Limits, Log, Outlier, Retries, Shutdown, Timeouts
+from sidecar.config.schema import (
+    CircuitBreaker,
+    Fallback,
+    Limits,
+    Log,
+    Outlier,
+    Retries,
+    Server,
+    Shutdown,
+    Timeouts,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +64,7 @@ class Config:
     metrics_listen: Address | None
     log: Log
     shutdown: Shutdown
+    server: Server
     upstreams: tuple[UpstreamSpec, ...]
     routes: tuple[RouteSpec, ...]
     # Values that came from secret-named environment variables: redacted wherever shown.

@@ -76,6 +76,8 @@ class Limits(_Section, frozen=True):
     max_concurrent: Positive = 100
     max_pending: NonNegative = 0
     queue_timeout: Duration = duration("1s")
+    # Largest request body; over it: 413, checked while streaming too. None: no limit.
+    max_body: Size | None = None
 
 
 class Policies(_Section, frozen=True):
@@ -140,6 +142,17 @@ class MetricsListener(_Section, frozen=True):
     listen: str | None = None
 
 
+class Server(_Section, frozen=True):
+    """Limits of the traffic listeners, against hostile or broken clients."""
+
+    listen_max_connections: Positive = 10_000  # per listener; over it: 503 and close
+    header_timeout: Duration = duration("10s")  # from a request's first byte to its last header (slowloris)
+    keepalive_timeout: Duration = duration("60s")  # an idle client connection is closed after this
+    max_request_line: Size = size("8KiB")  # method, target and version: longer gets 414
+    max_header_size: Size = size("8KiB")  # one header line: larger gets 431
+    max_headers: Positive = 100  # more gets 431
+
+
 class Shutdown(_Section, frozen=True):
     drain_delay: Duration = duration("5s")  # keep serving after SIGTERM: the app may still call out
     timeout: Duration = duration("20s")  # then how long in-flight requests may finish
@@ -157,6 +170,7 @@ class Document(_Section, frozen=True):
     metrics: MetricsListener = msgspec.field(default_factory=MetricsListener)
     log: Log = msgspec.field(default_factory=Log)
     shutdown: Shutdown = msgspec.field(default_factory=Shutdown)
+    server: Server = msgspec.field(default_factory=Server)
     defaults: Policies = msgspec.field(default_factory=Policies)
     upstreams: dict[str, Upstream] = msgspec.field(default_factory=dict)
     routes: list[Route] = msgspec.field(default_factory=list)

@@ -1,0 +1,41 @@
+"""What a request must be before the sidecar looks for its route: never an open proxy.
+
+- Only origin-form targets (`/path?query`): absolute-form (`GET http://elsewhere/`) and
+  `*` are refused, and CONNECT is not allowed, so no caller can reach an address that is
+  not in the config. The Host header only selects among configured routes.
+- Paths are matched exactly as sent, without decoding or normalising. A path with a `.`
+  or `..` segment, literal or percent-encoded (`%2e`), is refused: an upstream resolving
+  it could land outside the prefix the route matched.
+- HTTP/1.0 with Transfer-Encoding has doubtful framing (RFC 9112 6.1): refused, closed.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sidecar.config.schema import Server
+from sidecar.errors import BadRequest, CallerError, MethodNotAllowed, UriTooLong
+
+_HTTP11 = (1, 1)
+
+
+def refusal(request: web.BaseRequest, raw_path: str, limits: Server) -> CallerError | None:
+    """The error to answer instead of routing `request`, or None when it may be routed."""
+    if request.method == "CONNECT":
+        return MethodNotAllowed("CONNECT is not supported: the sidecar forwards only to configured upstreams")
+    if not raw_path.startswith("/"):
+        return BadRequest("only origin-form request targets (/path) are accepted; this is not a forward proxy")
+    if len(request.method) + len(raw_path) + 11 > limits.max_request_line:  # " HTTP/1.1\r\n"
+        return UriTooLong(f"the request line is longer than {limits.max_request_line} bytes")
+    if request.version < _HTTP11 and "Transfer-Encoding" in request.headers:
+        return BadRequest("HTTP/1.0 requests cannot use Transfer-Encoding")
+    if has_dot_segment(raw_path):
+        return BadRequest("the path has a . or .. segment; send it normalised")
+    return None
+
+
+def has_dot_segment(raw_path: str) -> bool:
+    path = raw_path.split("?", 1)[0]
+    if "." not in path and "%" not in path:
+        return False
+    return any(segment.lower().replace("%2e", ".") in (".", "..") for segment in path.split("/"))
