@@ -75,7 +75,9 @@ async def upstream_factory() -> AsyncIterator[Callable[[str], Awaitable[Upstream
 
     async def make(name: str = "up") -> Upstream:
         upstream = Upstream(name)
-        runner = web.ServerRunner(web.Server(upstream.handle, auto_decompress=False), shutdown_timeout=0.5)
+        server = web.Server(upstream.handle, auto_decompress=False, max_line_size=65536, max_field_size=65536,
+                            max_headers=512)
+        runner = web.ServerRunner(server, shutdown_timeout=0.5)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)
