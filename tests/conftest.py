@@ -196,3 +196,20 @@ async def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> None:
     async with asyncio.timeout(limit):
         while not condition():
             await asyncio.sleep(0.005)
+
+
+class Gate:
+    """An upstream behaviour that holds every request until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.waiting = 0
+
+    async def __call__(self, request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        self.waiting += 1
+        async with asyncio.timeout(10):
+            await self.release.wait()
+        return web.Response(text="done")
+
+    async def until_waiting(self, count: int) -> None:
+        await wait_until(lambda: self.waiting >= count)

@@ -7,24 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, wait_until
-
-
-class Gate:
-    """An upstream behaviour that holds every request until released."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.waiting = 0
-
-    async def __call__(self, request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        self.waiting += 1
-        async with asyncio.timeout(10):
-            await self.release.wait()
-        return web.Response(text="done")
-
-    async def until_waiting(self, count: int) -> None:
-        await wait_until(lambda: self.waiting >= count)
+from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, wait_until
 
 
 async def status_of(client: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:

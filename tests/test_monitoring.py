@@ -25,7 +25,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, wait_until
+from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_DOC = ROOT / "docs" / "metrics.md"
@@ -289,20 +289,6 @@ async def unavailable(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
 
 async def broken(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
     return web.Response(status=500)
-
-
-class Gate:
-    """Holds requests until released."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.waiting = 0
-
-    async def __call__(self, request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        self.waiting += 1
-        async with asyncio.timeout(10):
-            await self.release.wait()
-        return web.Response(text="done")
 
 
 def every_state_yaml(web_url: str, bad_url: str, good_url: str) -> str:
