@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -66,4 +66,5 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str
 
 
 def request_id_of(incoming: CIMultiDictProxy[str]) -> str:
-    return incoming.get(REQUEST_ID) or uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex, without building a UUID object.
+    return incoming.get(REQUEST_ID) or os.urandom(16).hex()

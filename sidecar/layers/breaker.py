@@ -155,6 +155,10 @@ class RouteBreaker:
         elif self.forced is not None or self.storage.state != pybreaker.STATE_CLOSED:
             return  # forced, or admitted before the breaker opened: its outcome is old news
         failed = failure is not None
+        if not failed and not probe and self._rate is None and self.storage.counter == 0:
+            # The common case: a success while closed with no failures counted. pybreaker
+            # would only reset a counter that is already 0, so skip its bookkeeping.
+            return
         if failure is not None:
             self.recent_failures.append({"kind": failure, "time": _iso(datetime.now(UTC).timestamp())})
         try:
