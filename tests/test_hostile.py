@@ -207,3 +207,19 @@ async def test_paths_are_matched_as_sent(sidecar_factory: SidecarFactory, upstre
         assert answer.startswith(f"HTTP/1.1 {status} ".encode()), path
     assert internal.hits == []
     assert [hit.target for hit in public.hits] == ["/public/..hidden", "/public//internal/x"]
+
+
+async def test_idle_keep_alive_connections_are_closed_after_the_keepalive_timeout(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    proxy = await sidecar_factory("server: {keepalive_timeout: 200ms}\n" + route_yaml(upstream.url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        assert await reader.read() == b""  # the sidecar closes the idle connection
+    writer.close()
+    assert [hit.target for hit in upstream.hits] == ["/first"]
