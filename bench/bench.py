@@ -2,6 +2,7 @@
 
     python bench/bench.py [--duration 10] [--warmup 1] [--rate 1000] [--connections 64] [--hey-workers 10]
                           [--loop asyncio|uvloop] [--upstream auto|nginx|aiohttp] [--loadgen auto|python]
+                          [--access-log on|off] [--retries on|off] [--workers N] [--sidecar-cpus LIST]
                           [--no-pin] [--json]
 
 Everything listens on 127.0.0.1 only, every phase is bounded in time, and every child process is killed on the
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import json
 import math
@@ -29,30 +29,39 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
+
+from procs import (
+    BenchError,
+    Pinning,
+    Processes,
+    children,
+    cpu_seconds_by_pid,
+    cpus_busy_seconds,
+    listening_sockets,
+    machine_busy_pct,
+    parse_cpu_list,
+    rss_mib,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BODY_SIZE = 1024
 READY_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 5.0
 # How long a load generator may run past its own --duration before we treat it as hung and kill it.
 TOOL_GRACE_S = 30.0
 # Bounds on the options, so a typo cannot start an hour-long or machine-melting run.
 MAX_DURATION_S = 600
 MAX_RATE = 100_000
 MAX_CONNECTIONS = 1024
+MAX_WORKERS = 32
 # Above this share of CPU in use by others before the start, the results are flagged as noisy.
 BUSY_WARN_PCT = 10.0
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-class BenchError(Exception):
-    """Setup failed (a server did not start, a tool crashed): no numbers to show."""
+# The bench's sidecar config sets these so that teardown takes a moment, not the default 5 s drain.
+SHUTDOWN_CONFIG = "{drain_delay: 0s, timeout: 2s}"
 
 
 def progress(message: str) -> None:
@@ -60,76 +69,7 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# --- child processes -------------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec. If the bench is SIGKILLed its `finally` never runs; with
-    PDEATHSIG the kernel still kills the child, so no server outlives the bench."""
-    if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class Processes:
-    """Owns every child. Each runs in its own session (= process group), so one killpg also takes down what
-    it forked (nginx's worker). A context manager, so cleanup happens on any way out of the `with`."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self._children: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for proc in reversed(self._children):
-            stop_process(proc)
-
-    def log_path(self, name: str) -> Path:
-        return self.logdir / f"{name}.log"
-
-    def start_server(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        # Output goes to a file, not a pipe: a pipe nobody drains fills up and blocks the server mid-run.
-        with open(self.log_path(name), "wb") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=REPO, start_new_session=True, preexec_fn=_die_with_parent)
-        self._children.append(proc)
-        return proc
-
-    def run_tool(self, argv: Sequence[str], timeout: float) -> str:
-        """Run a load generator to completion and return its stdout; raise if it fails or hangs."""
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=_die_with_parent)
-        self._children.append(proc)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"{argv[0]} still running after {timeout:.0f}s: killed") from exc
-        finally:
-            stop_process(proc)
-            self._children.remove(proc)
-        if proc.returncode != 0:
-            raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {err.decode(errors='replace')[-2000:]}")
-        return out.decode(errors="replace")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the group, give it STOP_TIMEOUT_S to exit cleanly, then SIGKILL whatever is left."""
-    if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait(STOP_TIMEOUT_S)
-    # The leader may be gone while group members (nginx's worker) are not. The kernel keeps a pid reserved
-    # while it is some group's id, so this cannot hit an unrelated process.
-    _signal_group(proc.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
+# --- ports and readiness ---------------------------------------------------------------------------------
 
 
 def free_ports(count: int) -> list[int]:
@@ -179,36 +119,6 @@ def check_response(url: str, what: str) -> None:
     if answer is None or answer[0] != 200 or len(answer[1]) != BODY_SIZE:
         got = "no answer" if answer is None else f"status {answer[0]}, {len(answer[1])} body bytes"
         raise BenchError(f"{what} at {url}: expected 200 with {BODY_SIZE} body bytes, got {got}")
-
-
-# --- CPU pinning -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pinning:
-    """Which CPU the load side (upstream + load generator) and the sidecar get; None = not pinned.
-
-    The sidecar gets a core to itself so its CPU cost is not blurred by the load generator competing for it.
-    """
-
-    load_cpu: int | None
-    sidecar_cpu: int | None
-
-    @classmethod
-    def detect(cls, enabled: bool) -> Pinning:
-        cpus = sorted(os.sched_getaffinity(0))
-        if not enabled or shutil.which("taskset") is None or len(cpus) < 2:
-            return cls(None, None)
-        return cls(cpus[0], cpus[1])
-
-    @staticmethod
-    def prefix(cpu: int | None) -> list[str]:
-        return [] if cpu is None else ["taskset", "-c", str(cpu)]
-
-    def describe(self) -> str:
-        if self.load_cpu is None:
-            return "none"
-        return f"upstream+loadgen on CPU {self.load_cpu}, sidecar on CPU {self.sidecar_cpu} (taskset)"
 
 
 # --- upstream and sidecar --------------------------------------------------------------------------------
@@ -269,28 +179,71 @@ def start_upstream(kind: str, procs: Processes, port: int, pin: Pinning) -> str:
     return label
 
 
-def sidecar_config(port: int, admin_port: int, upstream_port: int) -> str:
+def sidecar_config(port: int, admin_port: int, upstream_port: int, args: argparse.Namespace) -> str:
+    # --retries on leaves the route's retry policy at the built-in defaults (attempts 2); off sets attempts 1,
+    # which the sidecar treats as a passthrough.
+    retries = "" if args.retries == "on" else "    retries: {attempts: 1}\n"
     return f"""listen: 127.0.0.1:{port}
 admin: {{listen: 127.0.0.1:{admin_port}}}
+log: {{access: {"true" if args.access_log == "on" else "false"}}}
+shutdown: {SHUTDOWN_CONFIG}
 upstreams:
   up: {{endpoints: [http://127.0.0.1:{upstream_port}]}}
 routes:
   - name: bench
     match: {{path_prefix: /}}
     upstream: up
-"""
+{retries}"""
 
 
 def start_sidecar(
-    procs: Processes, port: int, admin_port: int, upstream_port: int, loop: str, pin: Pinning
+    procs: Processes, port: int, admin_port: int, upstream_port: int, args: argparse.Namespace, pin: Pinning
 ) -> subprocess.Popen[bytes]:
-    """Start the sidecar and wait for /readyz. taskset execs, so the child's pid is the sidecar's own."""
+    """Start the sidecar and wait for /readyz (and, with workers, until every worker listens). taskset execs,
+    so the child's pid is the sidecar's own (with --workers, the supervisor's; the workers are its children
+    and inherit its CPU affinity). The access log (stdout) goes to a file of its own, so writing it costs
+    what writing a container's stdout to disk costs, not a terminal's, and the process log stays readable."""
     config = procs.logdir / "sidecar.yaml"
-    config.write_text(sidecar_config(port, admin_port, upstream_port))
-    argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--loop", loop]
-    proc = procs.start_server("sidecar", Pinning.prefix(pin.sidecar_cpu) + argv)
-    wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc, "sidecar", procs.log_path("sidecar"))
+    config.write_text(sidecar_config(port, admin_port, upstream_port, args))
+    argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--loop", args.loop]
+    if args.workers > 1:
+        argv += ["--workers", str(args.workers)]
+    proc = procs.start_server("sidecar", Pinning.prefix(pin.sidecar_cpus) + argv, stdout=access_log_path(procs))
+    log = procs.log_path("sidecar")
+    wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc, "sidecar", log)
+    # /readyz answers from whichever worker accepts the connection: wait until all N have bound the port.
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while args.workers > 1 and listening_sockets(port) < args.workers:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            listening = listening_sockets(port)
+            raise BenchError(f"only {listening} of {args.workers} sidecar workers listen on {port}:\n{log_tail(log)}")
+        time.sleep(0.05)
     return proc
+
+
+def access_log_path(procs: Processes) -> Path:
+    return procs.logdir / "sidecar-access.log"
+
+
+def access_log_lines(procs: Processes) -> int:
+    path = access_log_path(procs)
+    if not path.exists():
+        return 0
+    with path.open("rb") as file:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+
+
+def code_version() -> str:
+    """The commit the sidecar runs from, and whether sidecar/ has uncommitted edits: with an editable install,
+    whatever is on disk when the sidecar starts is what gets measured."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "sidecar"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"{commit}{' + uncommitted edits in sidecar/' if dirty else ''}"
 
 
 def sidecar_log_problems(log: Path, limit: int = 10) -> list[str]:
@@ -298,40 +251,6 @@ def sidecar_log_problems(log: Path, limit: int = 10) -> list[str]:
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     bad = [line for line in lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", line)]
     return bad[:limit]
-
-
-# --- /proc -----------------------------------------------------------------------------------------------
-
-
-def machine_busy_pct(sample_s: float = 1.0) -> float:
-    """Share of all CPUs busy over `sample_s` before we start, from /proc/stat. Anything else running on the
-    box (a test suite, a build) competes with the servers and skews every number, so we say so."""
-
-    def busy_total() -> tuple[int, int]:
-        ticks = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = ticks[3] + ticks[4]  # idle + iowait
-        return sum(ticks) - idle, sum(ticks)
-
-    busy0, total0 = busy_total()
-    time.sleep(sample_s)
-    busy1, total1 = busy_total()
-    return (busy1 - busy0) / (total1 - total0) * 100 if total1 > total0 else math.nan
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Field 2 (comm) is in parentheses and may contain spaces: split after its closing one.
-    # What follows starts at field 3 (state); utime and stime are fields 14 and 15.
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024  # the kernel reports kB
-    return math.nan
 
 
 # --- load generators -------------------------------------------------------------------------------------
@@ -465,27 +384,49 @@ class Target:
     cpu_us_per_request: float = math.nan
     cpu_busy_pct: float = math.nan  # share of one core during the throughput run: ~100 means CPU-bound
     rss_mib: float = math.nan
+    processes: int = 0  # sidecar processes whose CPU and RSS are summed: 1, or a supervisor + its workers
+    # With workers: each process's share of one core during the throughput run, supervisor first.
+    busy_pct_by_pid: dict[int, float] = field(default_factory=dict)
+    # Busy time during the throughput run not spent by the sidecar, % of 1 core. On the sidecar's CPUs: the
+    # load side when they share a core, else something competing with the sidecar. On all CPUs: wrk and the
+    # upstream (about 20% of a core at 6k req/s) plus anything else running, e.g. a test suite.
+    others_busy_pct: float = math.nan
+    machine_others_busy_pct: float = math.nan
 
 
-def measure(name: str, url: str, load: LoadGen, args: argparse.Namespace, pid: int | None) -> Target:
-    """Warm-up, throughput at --connections (sampling `pid`'s CPU around it), then latency at --rate."""
+def measure(
+    name: str, url: str, load: LoadGen, args: argparse.Namespace, pid: int | None = None, pin: Pinning | None = None
+) -> Target:
+    """Warm-up, throughput at --connections (sampling the CPU of `pid` and its children around it), then
+    latency at --rate."""
     if args.warmup > 0:
         # Opens the keep-alive connections and warms caches, so neither counts against the measured run.
         progress(f"{name}: warm-up {args.warmup}s")
         load.throughput(url, args.connections, args.warmup)
     progress(f"{name}: throughput, {args.connections} connections, {args.duration}s ({load.throughput_tool})")
-    cpu_before = cpu_seconds(pid) if pid else 0.0
+    cpus = pin.sidecar_cpus if pin else None
+    wall_before, cores_before, all_before = time.monotonic(), cpus_busy_seconds(cpus), cpus_busy_seconds(None)
+    cpu_before = cpu_seconds_by_pid(pid) if pid else {}
     throughput = load.throughput(url, args.connections, args.duration)
-    cpu_used = cpu_seconds(pid) - cpu_before if pid else math.nan
+    cpu_after = cpu_seconds_by_pid(pid) if pid else {}
+    wall, cores_busy = time.monotonic() - wall_before, cpus_busy_seconds(cpus) - cores_before
+    all_busy = cpus_busy_seconds(None) - all_before
     progress(f"{name}: {throughput.rps:,.0f} req/s")
     progress(f"{name}: latency at {args.rate:g} req/s, {args.duration}s ({load.latency_tool})")
     latency = load.latency(url, args.rate, args.duration, args.connections, args.hey_workers)
     progress(f"{name}: p50 {latency.p50_ms:.2f} ms, p99 {latency.p99_ms:.2f} ms")
     target = Target(throughput, latency)
     if pid:
+        # Summed over the tree, so a worker restarted mid-run still counts (see cpu_seconds_by_pid).
+        cpu_used = sum(cpu_after.values()) - sum(cpu_before.values())
+        seconds = throughput.seconds or math.nan
         target.cpu_us_per_request = cpu_used / throughput.requests * 1e6 if throughput.requests else math.nan
-        target.cpu_busy_pct = cpu_used / throughput.seconds * 100 if throughput.seconds else math.nan
-        target.rss_mib = rss_mib(pid)
+        target.cpu_busy_pct = cpu_used / seconds * 100
+        target.rss_mib, target.processes = rss_mib(pid)
+        target.others_busy_pct = max(0.0, cores_busy - cpu_used) / wall * 100
+        target.machine_others_busy_pct = max(0.0, all_busy - cpu_used) / wall * 100
+        if len(cpu_after) > 1:
+            target.busy_pct_by_pid = {p: (cpu_after[p] - cpu_before.get(p, 0.0)) / seconds * 100 for p in cpu_after}
     return target
 
 
@@ -495,6 +436,7 @@ class Servers:
     direct_url: str
     sidecar_url: str
     sidecar: subprocess.Popen[bytes]
+    pin: Pinning
 
 
 def start_servers(args: argparse.Namespace, procs: Processes, pin: Pinning) -> Servers:
@@ -505,15 +447,15 @@ def start_servers(args: argparse.Namespace, procs: Processes, pin: Pinning) -> S
     check_response(direct_url, "upstream")
     # Started before the direct run, so that a broken sidecar fails the bench in seconds, not after a full run.
     progress(f"starting sidecar on 127.0.0.1:{sidecar_port} (loop {args.loop}), waiting for /readyz")
-    sidecar = start_sidecar(procs, sidecar_port, admin_port, upstream_port, args.loop, pin)
+    sidecar = start_sidecar(procs, sidecar_port, admin_port, upstream_port, args, pin)
     sidecar_url = f"http://127.0.0.1:{sidecar_port}/"
     check_response(sidecar_url, "sidecar")
-    return Servers(label, direct_url, sidecar_url, sidecar)
+    return Servers(label, direct_url, sidecar_url, sidecar, pin)
 
 
 def measure_sidecar(servers: Servers, load: LoadGen, args: argparse.Namespace, procs: Processes) -> Target:
     try:
-        return measure("sidecar", servers.sidecar_url, load, args, servers.sidecar.pid)
+        return measure("sidecar", servers.sidecar_url, load, args, servers.sidecar.pid, servers.pin)
     except BenchError as exc:
         if servers.sidecar.poll() is None:
             raise
@@ -526,7 +468,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     busy = machine_busy_pct()
     if busy > BUSY_WARN_PCT:
         progress(f"WARNING: the machine is already {busy:.0f}% busy before the bench starts: numbers will be noisy")
-    pin = Pinning.detect(not args.no_pin)
+    pin = Pinning.detect(not args.no_pin, args.workers, args.sidecar_cpus)
     load = LoadGen.choose(args.loadgen, procs, pin)
     servers = start_servers(args, procs, pin)
     direct = measure("direct", servers.direct_url, load, args, None)
@@ -537,13 +479,18 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
             "connections": args.connections, "hey_workers": args.hey_workers, "loop": args.loop,
             "upstream": servers.upstream_label,
             "throughput_tool": load.throughput_tool, "latency_tool": load.latency_tool,
-            "pinning": pin.describe(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "machine_busy_before_pct": busy,
+            "pinning": pin.describe(), "pinning_notes": pin.notes(args.workers),
+            "sidecar_cpus_to_itself": pin.sidecar_alone,
+            "cpus": os.cpu_count(), "python": sys.version.split()[0], "machine_busy_before_pct": busy,
+            "access_log": args.access_log, "retries": args.retries, "workers": args.workers,
+            "sidecar_config": (procs.logdir / "sidecar.yaml").read_text(), "code": code_version(),
         },
         "direct": direct,
         "sidecar": through_sidecar,
         # poll(), not /proc/<pid>: a dead child we have not reaped yet still has a /proc entry (a zombie).
         "sidecar_alive": servers.sidecar.poll() is None,
+        "sidecar_workers_alive": len(children(servers.sidecar.pid)) if args.workers > 1 else 1,
+        "access_log_lines": access_log_lines(procs),
         "sidecar_log_problems": sidecar_log_problems(procs.log_path("sidecar")),
     }
 
@@ -581,7 +528,8 @@ def rows(report: dict[str, Any]) -> list[Row]:
         Row("  failed requests (no response)", d.latency.errors, s.latency.errors),
         Row("sidecar CPU per request, us", nan, s.cpu_us_per_request),
         Row("sidecar CPU busy, % of 1 core", nan, s.cpu_busy_pct),
-        Row("sidecar RSS after run, MiB", nan, s.rss_mib),
+        Row("sidecar RSS after run, MiB" if s.processes < 2 else f"sidecar RSS, MiB (sum of {s.processes} procs)",
+            nan, s.rss_mib),
     ]
 
 
@@ -601,13 +549,37 @@ def latency_tool(report: dict[str, Any]) -> str:
     return f"{tool} (evenly spaced arrivals)"
 
 
+def sidecar_setup(cfg: dict[str, Any]) -> str:
+    workers = "1 process" if cfg["workers"] == 1 else f"{cfg['workers']} workers + supervisor"
+    access = "on (JSON lines to a file)" if cfg["access_log"] == "on" else "off (the numbers are the proxy alone)"
+    retries = "on (route defaults: attempts 2)" if cfg["retries"] == "on" else "off (attempts 1)"
+    return f"sidecar {cfg['code']}: {workers}, loop {cfg['loop']}; access log {access}; retries {retries}"
+
+
+def footer(report: dict[str, Any]) -> list[str]:
+    s: Target = report["sidecar"]
+    lines = ["ratio = sidecar / direct"]
+    if s.processes > 1:
+        shares = ", ".join(f"{'supervisor' if i == 0 else 'worker'} {busy:.0f}%"
+                           for i, busy in enumerate(s.busy_pct_by_pid.values()))
+        lines.append(f"sidecar CPU and RSS are summed over {s.processes} processes; "
+                     f"busy during the throughput run (% of 1 core): {shares}")
+    on_its_cpus = f"{s.others_busy_pct:.0f}% on the sidecar's CPUs, " if report["config"]["pinning"] != "none" else ""
+    lines.append(f"CPU used by other processes during the sidecar's throughput run, % of 1 core: {on_its_cpus}"
+                 f"{s.machine_others_busy_pct:.0f}% on all CPUs (wrk and the upstream included)")
+    lines.append(f"sidecar access log: {report['access_log_lines']:,} lines written")
+    return lines
+
+
 def table(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
-        f"upstream: {cfg['upstream']}; sidecar loop: {cfg['loop']}; pinning: {cfg['pinning']}",
+        f"upstream: {cfg['upstream']}; pinning: {cfg['pinning']}",
+        sidecar_setup(cfg),
         f"load: throughput by {report['direct'].throughput.tool}, latency by {latency_tool(report)}; "
         f"{cfg['duration_s']}s per measurement after {cfg['warmup_s']}s warm-up; python {cfg['python']}; "
         f"machine {cfg['machine_busy_before_pct']:.0f}% busy before start",
+        *(f"note: {note}" for note in cfg["pinning_notes"]),
         "",
         f"{'metric':<36} {'direct':>12} {'sidecar':>12} {'ratio':>8}",
         "-" * 71,
@@ -615,8 +587,7 @@ def table(report: dict[str, Any]) -> str:
     for row in rows(report):
         shown = fmt(ratio(row.sidecar, row.direct)) if row.ratio_key else ""
         lines.append(f"{row.label:<36} {fmt(row.direct):>12} {fmt(row.sidecar):>12} {shown:>8}")
-    lines.append("ratio = sidecar / direct")
-    return "\n".join(lines)
+    return "\n".join(lines + footer(report))
 
 
 def to_json(report: dict[str, Any]) -> str:
@@ -645,6 +616,8 @@ def failures(report: dict[str, Any]) -> list[str]:
                 found.append(f"{name} {phase}: {result.non_2xx} non-2xx responses, {result.errors} failed requests")
     if not report["sidecar_alive"]:
         found.append("the sidecar process died during the run")
+    elif report["sidecar_workers_alive"] != report["config"]["workers"]:
+        found.append(f"{report['sidecar_workers_alive']} of {report['config']['workers']} sidecar workers alive")
     found.extend(f"sidecar log: {line}" for line in report["sidecar_log_problems"])
     return found
 
@@ -678,9 +651,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="auto: nginx if installed, else a minimal aiohttp server")
     parser.add_argument("--loadgen", choices=("auto", "python"), default="auto",
                         help="auto: wrk/hey where installed, else the aiohttp client in bench/pyload.py")
+    parser.add_argument("--access-log", choices=("on", "off"), default="off",
+                        help="the sidecar's access log (log.access), written to a file (default off)")
+    parser.add_argument("--retries", choices=("on", "off"), default="on",
+                        help="on: the route's default retry policy (attempts 2); off: attempts 1 (default on)")
+    parser.add_argument("--workers", type=bounded(int, 1, MAX_WORKERS), default=1,
+                        help="sidecar worker processes, `sidecar run --workers N` (1)")
+    parser.add_argument("--sidecar-cpus", type=cpu_list_arg, default=None, metavar="LIST",
+                        help="taskset CPU list for the sidecar, e.g. 0,1 (default: CPU 1 for 1 worker, else every "
+                             "CPU but the load generator's)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs with taskset")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.no_pin and args.sidecar_cpus is not None:
+        parser.error("--sidecar-cpus pins the sidecar; it cannot go with --no-pin")
+    return args
+
+
+def cpu_list_arg(text: str) -> tuple[int, ...]:
+    try:
+        return parse_cpu_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -694,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: --loop uvloop but uvloop is not installed (pip install -e '.[uvloop]')", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp, Processes(Path(tmp)) as procs:
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp, Processes(Path(tmp), REPO) as procs:
         try:
             report = run(args, procs)
         except BenchError as exc:
@@ -708,6 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = failures(report)
     for problem in problems:
         print(f"WARNING: {problem}", file=sys.stderr)
+    others = report["sidecar"].others_busy_pct
+    if report["config"]["sidecar_cpus_to_itself"] and others > BUSY_WARN_PCT:
+        print(f"WARNING: other processes used {others:.0f}% of a core on the sidecar's CPUs during its run",
+              file=sys.stderr)
     if report["config"]["machine_busy_before_pct"] > BUSY_WARN_PCT:
         # Noisy, not wrong: a warning, but it does not change the exit status.
         print(f"WARNING: machine was {report['config']['machine_busy_before_pct']:.0f}% busy before the start",
