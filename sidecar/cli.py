@@ -97,6 +97,9 @@ def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
         return 1
     sidecar = Sidecar(config, config_path=path, reuse_port=worker)
     if worker:
+        from sidecar.workers import stop_with_supervisor
+
+        stop_with_supervisor()
         # A reload through one worker's admin API reaches the others through the supervisor.
         sidecar.on_reloaded = lambda: os.kill(os.getppid(), signal.SIGHUP)
     return run_until_signal(lambda stop: serve_until_stopped(sidecar, stop, watch), loop)

@@ -14,6 +14,8 @@ worker that accepts the connection.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -27,6 +29,7 @@ from types import FrameType
 log = logging.getLogger("sidecar.workers")
 
 POLL_SECONDS = 0.1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_WINDOW_SECONDS = 60.0
 MAX_RESTARTS_PER_WINDOW = 10  # a worker that keeps dying is a bug or a bad host: give up loudly
 
@@ -98,3 +101,12 @@ def _mark_dead(pid: int, metrics_dir: str) -> None:
         multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
     except OSError:
         log.exception("could not clear a dead worker's gauges", extra={"pid": pid})
+
+
+def stop_with_supervisor() -> None:
+    """In a worker: get SIGTERM (and so drain) if the supervisor dies, even by SIGKILL (Linux only)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("cannot ask to be stopped with the supervisor on this platform")

@@ -88,3 +88,33 @@ routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+@pytest.mark.timeout(60)
+async def test_workers_stop_when_the_supervisor_is_killed(upstream: Upstream, tmp_path: Path) -> None:
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+admin: {{listen: 127.0.0.1:{admin_port}}}
+shutdown: {{drain_delay: 0s, timeout: 1s}}
+upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}
+routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
+""")
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config), "--workers", "2"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    await wait_until(lambda: stderr_path.read_text().count('"sidecar started"') == 2, limit=15)
+    workers = worker_pids(stderr_path)
+    process.kill()  # no chance to forward anything
+    process.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await wait_until(lambda: all(gone(pid) for pid in workers), limit=15)
