@@ -1,9 +1,9 @@
-"""Benchmark the sidecar: one fast upstream, measured directly and through the sidecar, in one run.
+"""Benchmark the sidecar: one fast upstream, measured directly, through the sidecar and through a naive proxy.
 
     python bench/bench.py [--duration 10] [--warmup 1] [--rate 1000] [--connections 64] [--hey-workers 10]
                           [--loop asyncio|uvloop] [--upstream auto|nginx|aiohttp] [--loadgen auto|python]
                           [--access-log on|off] [--retries on|off] [--workers N] [--sidecar-cpus LIST]
-                          [--no-pin] [--json]
+                          [--baseline none|naive] [--no-pin] [--json]
 
 Everything listens on 127.0.0.1 only, every phase is bounded in time, and every child process is killed on the
 way out (normal exit, exception, Ctrl-C, SIGTERM). Progress goes to stderr; the table (or JSON) to stdout.
@@ -218,6 +218,18 @@ def start_sidecar(
             listening = listening_sockets(port)
             raise BenchError(f"only {listening} of {args.workers} sidecar workers listen on {port}:\n{log_tail(log)}")
         time.sleep(0.05)
+    return proc
+
+
+def start_naive(
+    procs: Processes, port: int, upstream_port: int, args: argparse.Namespace, pin: Pinning
+) -> subprocess.Popen[bytes]:
+    """Start naive_proxy.py, the reference baseline, pinned exactly like the sidecar and on the same loop. It has
+    no admin port: ready when a request through it gets the upstream's 200."""
+    argv = [sys.executable, str(HERE / "naive_proxy.py"), str(port), f"http://127.0.0.1:{upstream_port}",
+            "--loop", args.loop]
+    proc = procs.start_server("naive", Pinning.prefix(pin.sidecar_cpus) + argv)
+    wait_ready(f"http://127.0.0.1:{port}/", proc, "naive proxy", procs.log_path("naive"))
     return proc
 
 
@@ -437,10 +449,12 @@ class Servers:
     sidecar_url: str
     sidecar: subprocess.Popen[bytes]
     pin: Pinning
+    naive_url: str | None = None
+    naive: subprocess.Popen[bytes] | None = None
 
 
 def start_servers(args: argparse.Namespace, procs: Processes, pin: Pinning) -> Servers:
-    upstream_port, sidecar_port, admin_port = free_ports(3)
+    upstream_port, sidecar_port, admin_port, naive_port = free_ports(4)
     progress(f"starting upstream on 127.0.0.1:{upstream_port}")
     label = start_upstream(args.upstream, procs, upstream_port, pin)
     direct_url = f"http://127.0.0.1:{upstream_port}/"
@@ -450,18 +464,28 @@ def start_servers(args: argparse.Namespace, procs: Processes, pin: Pinning) -> S
     sidecar = start_sidecar(procs, sidecar_port, admin_port, upstream_port, args, pin)
     sidecar_url = f"http://127.0.0.1:{sidecar_port}/"
     check_response(sidecar_url, "sidecar")
-    return Servers(label, direct_url, sidecar_url, sidecar, pin)
+    if args.baseline == "none":
+        return Servers(label, direct_url, sidecar_url, sidecar, pin)
+    progress(f"starting naive proxy on 127.0.0.1:{naive_port} (loop {args.loop})")
+    naive = start_naive(procs, naive_port, upstream_port, args, pin)
+    naive_url = f"http://127.0.0.1:{naive_port}/"
+    check_response(naive_url, "naive proxy")
+    return Servers(label, direct_url, sidecar_url, sidecar, pin, naive_url, naive)
 
 
-def measure_sidecar(servers: Servers, load: LoadGen, args: argparse.Namespace, procs: Processes) -> Target:
+def measure_proxy(
+    name: str, url: str, proc: subprocess.Popen[bytes], load: LoadGen, args: argparse.Namespace, procs: Processes,
+    pin: Pinning,
+) -> Target:
+    """measure() with the CPU of `proc`'s tree. Both proxies idle on the same CPUs while the other is measured."""
     try:
-        return measure("sidecar", servers.sidecar_url, load, args, servers.sidecar.pid, servers.pin)
+        return measure(name, url, load, args, proc.pid, pin)
     except BenchError as exc:
-        if servers.sidecar.poll() is None:
+        if proc.poll() is None:
             raise
-        # The load generator's complaint ("connection refused") hides the real news: the sidecar died.
-        code, log = servers.sidecar.returncode, log_tail(procs.log_path("sidecar"))
-        raise BenchError(f"the sidecar exited with {code} under load ({exc}); its log:\n{log}") from exc
+        # The load generator's complaint ("connection refused") hides the real news: the proxy died.
+        code, log = proc.returncode, log_tail(procs.log_path(name))
+        raise BenchError(f"the {name} proxy exited with {code} under load ({exc}); its log:\n{log}") from exc
 
 
 def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
@@ -472,14 +496,20 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     load = LoadGen.choose(args.loadgen, procs, pin)
     servers = start_servers(args, procs, pin)
     direct = measure("direct", servers.direct_url, load, args, None)
-    through_sidecar = measure_sidecar(servers, load, args, procs)
+    through_sidecar = measure_proxy("sidecar", servers.sidecar_url, servers.sidecar, load, args, procs, pin)
+    naive = None
+    if servers.naive is not None and servers.naive_url is not None:
+        naive = measure_proxy("naive", servers.naive_url, servers.naive, load, args, procs, pin)
+    notes = pin.notes(args.workers)
+    if naive is not None and args.workers > 1:
+        notes.append(f"the naive proxy is 1 process on the sidecar's CPUs ({args.workers} sidecar workers)")
     return {
         "config": {
             "duration_s": args.duration, "warmup_s": args.warmup, "rate": args.rate,
             "connections": args.connections, "hey_workers": args.hey_workers, "loop": args.loop,
             "upstream": servers.upstream_label,
             "throughput_tool": load.throughput_tool, "latency_tool": load.latency_tool,
-            "pinning": pin.describe(), "pinning_notes": pin.notes(args.workers),
+            "pinning": pin.describe(), "pinning_notes": notes, "baseline": args.baseline,
             "sidecar_cpus_to_itself": pin.sidecar_alone,
             "cpus": os.cpu_count(), "python": sys.version.split()[0], "machine_busy_before_pct": busy,
             "access_log": args.access_log, "retries": args.retries, "workers": args.workers,
@@ -487,6 +517,9 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         },
         "direct": direct,
         "sidecar": through_sidecar,
+        "naive": naive,
+        "naive_alive": servers.naive is None or servers.naive.poll() is None,
+        "naive_log_problems": sidecar_log_problems(procs.log_path("naive")),
         # poll(), not /proc/<pid>: a dead child we have not reaped yet still has a /proc entry (a zombie).
         "sidecar_alive": servers.sidecar.poll() is None,
         "sidecar_workers_alive": len(children(servers.sidecar.pid)) if args.workers > 1 else 1,
@@ -509,27 +542,35 @@ class Row:
     label: str
     direct: float
     sidecar: float
-    ratio_key: str | None = None  # set on the rows where sidecar/direct means something; the JSON key
+    naive: float
+    ratio_key: str | None = None  # set on the rows where a ratio means something; the JSON key
+    vs_naive: bool = False  # sidecar/naive is shown for the proxy-only rows (CPU, RSS), which have no direct
 
 
 def rows(report: dict[str, Any]) -> list[Row]:
+    nan = math.nan
     d: Target = report["direct"]
     s: Target = report["sidecar"]
+    # Without a baseline, an all-NaN stand-in so each row reads the same way; the table drops its columns.
+    n: Target = report["naive"] or Target(Result("-", 0, nan, nan, 0, 0), Result("-", 0, nan, nan, 0, 0))
     conns, rate = report["config"]["connections"], report["config"]["rate"]
-    nan = math.nan
+    rss = "proxy RSS after run, MiB" if s.processes < 2 else f"proxy RSS, MiB (sidecar: sum of {s.processes} procs)"
     return [
-        Row(f"throughput, req/s ({conns} conns)", d.throughput.rps, s.throughput.rps, "throughput_rps"),
-        Row("  non-2xx responses", d.throughput.non_2xx, s.throughput.non_2xx),
-        Row("  failed requests (no response)", d.throughput.errors, s.throughput.errors),
-        Row(f"latency p50, ms (@{rate:g} req/s)", d.latency.p50_ms, s.latency.p50_ms, "latency_p50_ms"),
-        Row(f"latency p99, ms (@{rate:g} req/s)", d.latency.p99_ms, s.latency.p99_ms, "latency_p99_ms"),
-        Row("  achieved rate, req/s", d.latency.rps, s.latency.rps),
-        Row("  non-2xx responses", d.latency.non_2xx, s.latency.non_2xx),
-        Row("  failed requests (no response)", d.latency.errors, s.latency.errors),
-        Row("sidecar CPU per request, us", nan, s.cpu_us_per_request),
-        Row("sidecar CPU busy, % of 1 core", nan, s.cpu_busy_pct),
-        Row("sidecar RSS after run, MiB" if s.processes < 2 else f"sidecar RSS, MiB (sum of {s.processes} procs)",
-            nan, s.rss_mib),
+        Row(f"throughput, req/s ({conns} conns)", d.throughput.rps, s.throughput.rps, n.throughput.rps,
+            "throughput_rps"),
+        Row("  non-2xx responses", d.throughput.non_2xx, s.throughput.non_2xx, n.throughput.non_2xx),
+        Row("  failed requests (no response)", d.throughput.errors, s.throughput.errors, n.throughput.errors),
+        Row(f"latency p50, ms (@{rate:g} req/s)", d.latency.p50_ms, s.latency.p50_ms, n.latency.p50_ms,
+            "latency_p50_ms"),
+        Row(f"latency p99, ms (@{rate:g} req/s)", d.latency.p99_ms, s.latency.p99_ms, n.latency.p99_ms,
+            "latency_p99_ms"),
+        Row("  achieved rate, req/s", d.latency.rps, s.latency.rps, n.latency.rps),
+        Row("  non-2xx responses", d.latency.non_2xx, s.latency.non_2xx, n.latency.non_2xx),
+        Row("  failed requests (no response)", d.latency.errors, s.latency.errors, n.latency.errors),
+        Row("proxy CPU per request, us", nan, s.cpu_us_per_request, n.cpu_us_per_request, "cpu_us_per_request",
+            vs_naive=True),
+        Row("proxy CPU busy, % of 1 core", nan, s.cpu_busy_pct, n.cpu_busy_pct),
+        Row(rss, nan, s.rss_mib, n.rss_mib, "rss_mib", vs_naive=True),
     ]
 
 
@@ -558,7 +599,11 @@ def sidecar_setup(cfg: dict[str, Any]) -> str:
 
 def footer(report: dict[str, Any]) -> list[str]:
     s: Target = report["sidecar"]
-    lines = ["ratio = sidecar / direct"]
+    n: Target | None = report["naive"]
+    lines = []
+    if n is not None:
+        lines.append("naive = bench/naive_proxy.py (plain aiohttp proxy, no policies), pinned like the sidecar and "
+                     "measured after it")
     if s.processes > 1:
         shares = ", ".join(f"{'supervisor' if i == 0 else 'worker'} {busy:.0f}%"
                            for i, busy in enumerate(s.busy_pct_by_pid.values()))
@@ -567,6 +612,9 @@ def footer(report: dict[str, Any]) -> list[str]:
     on_its_cpus = f"{s.others_busy_pct:.0f}% on the sidecar's CPUs, " if report["config"]["pinning"] != "none" else ""
     lines.append(f"CPU used by other processes during the sidecar's throughput run, % of 1 core: {on_its_cpus}"
                  f"{s.machine_others_busy_pct:.0f}% on all CPUs (wrk and the upstream included)")
+    if n is not None:
+        on_its_cpus = f"{n.others_busy_pct:.0f}% on its CPUs, " if report["config"]["pinning"] != "none" else ""
+        lines.append(f"  same during the naive proxy's run: {on_its_cpus}{n.machine_others_busy_pct:.0f}% on all CPUs")
     lines.append(f"sidecar access log: {report['access_log_lines']:,} lines written")
     return lines
 
@@ -581,12 +629,21 @@ def table(report: dict[str, Any]) -> str:
         f"machine {cfg['machine_busy_before_pct']:.0f}% busy before start",
         *(f"note: {note}" for note in cfg["pinning_notes"]),
         "",
-        f"{'metric':<36} {'direct':>12} {'sidecar':>12} {'ratio':>8}",
-        "-" * 71,
     ]
+    naive = report["naive"] is not None
+    width = 44
+    head = f"{'metric':<{width}} {'direct':>10} {'sidecar':>10}"
+    head += f" {'naive':>10} {'sidecar/direct':>15} {'sidecar/naive':>14}" if naive else f" {'sidecar/direct':>15}"
+    lines += [head, "-" * len(head)]
     for row in rows(report):
-        shown = fmt(ratio(row.sidecar, row.direct)) if row.ratio_key else ""
-        lines.append(f"{row.label:<36} {fmt(row.direct):>12} {fmt(row.sidecar):>12} {shown:>8}")
+        vs_direct = fmt(ratio(row.sidecar, row.direct)) if row.ratio_key and not row.vs_naive else ""
+        line = f"{row.label:<{width}} {fmt(row.direct):>10} {fmt(row.sidecar):>10}"
+        if naive:
+            vs_naive = fmt(ratio(row.sidecar, row.naive)) if row.ratio_key else ""
+            line += f" {fmt(row.naive):>10} {vs_direct:>15} {vs_naive:>14}"
+        else:
+            line += f" {vs_direct:>15}"
+        lines.append(line.rstrip())
     return "\n".join(lines + footer(report))
 
 
@@ -602,15 +659,21 @@ def to_json(report: dict[str, Any]) -> str:
         return value
 
     data = {k: asdict(v) if isinstance(v, Target) else v for k, v in report.items()}
-    data["ratios"] = {row.ratio_key: ratio(row.sidecar, row.direct) for row in rows(report) if row.ratio_key}
+    data["ratios"] = {row.ratio_key: ratio(row.sidecar, row.direct) for row in rows(report)
+                      if row.ratio_key and not row.vs_naive}
+    if report["naive"] is not None:
+        data["ratios_vs_naive"] = {row.ratio_key: ratio(row.sidecar, row.naive)
+                                   for row in rows(report) if row.ratio_key}
     return json.dumps(clean(data), indent=2)
 
 
 def failures(report: dict[str, Any]) -> list[str]:
     """Everything that makes the numbers suspect: failed or non-2xx requests, a dead or complaining sidecar."""
     found = []
-    for name in ("direct", "sidecar"):
-        target: Target = report[name]
+    for name in ("direct", "sidecar", "naive"):
+        target: Target | None = report[name]
+        if target is None:
+            continue
         for phase, result in (("throughput", target.throughput), ("latency", target.latency)):
             if result.non_2xx or result.errors:
                 found.append(f"{name} {phase}: {result.non_2xx} non-2xx responses, {result.errors} failed requests")
@@ -619,6 +682,9 @@ def failures(report: dict[str, Any]) -> list[str]:
     elif report["sidecar_workers_alive"] != report["config"]["workers"]:
         found.append(f"{report['sidecar_workers_alive']} of {report['config']['workers']} sidecar workers alive")
     found.extend(f"sidecar log: {line}" for line in report["sidecar_log_problems"])
+    if not report["naive_alive"]:
+        found.append("the naive proxy died during the run")
+    found.extend(f"naive proxy log: {line}" for line in report["naive_log_problems"])
     return found
 
 
@@ -660,6 +726,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sidecar-cpus", type=cpu_list_arg, default=None, metavar="LIST",
                         help="taskset CPU list for the sidecar, e.g. 0,1 (default: CPU 1 for 1 worker, else every "
                              "CPU but the load generator's)")
+    parser.add_argument("--baseline", choices=("none", "naive"), default="naive",
+                        help="naive: also measure bench/naive_proxy.py, pinned like the sidecar (default naive)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs with taskset")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
@@ -700,10 +768,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = failures(report)
     for problem in problems:
         print(f"WARNING: {problem}", file=sys.stderr)
-    others = report["sidecar"].others_busy_pct
-    if report["config"]["sidecar_cpus_to_itself"] and others > BUSY_WARN_PCT:
-        print(f"WARNING: other processes used {others:.0f}% of a core on the sidecar's CPUs during its run",
-              file=sys.stderr)
+    for name in ("sidecar", "naive"):
+        others = report[name].others_busy_pct if report[name] else 0.0
+        if report["config"]["sidecar_cpus_to_itself"] and others > BUSY_WARN_PCT:
+            print(f"WARNING: other processes used {others:.0f}% of a core on the {name} proxy's CPUs during its run",
+                  file=sys.stderr)
     if report["config"]["machine_busy_before_pct"] > BUSY_WARN_PCT:
         # Noisy, not wrong: a warning, but it does not change the exit status.
         print(f"WARNING: machine was {report['config']['machine_busy_before_pct']:.0f}% busy before the start",
