@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,35 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Upstream
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def wait_ready(admin: str, process: subprocess.Popen[str], limit: float = 15.0) -> None:
-    """Poll /readyz until it answers 200 (bounded), failing early if the process died."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"sidecar exited early: {process.communicate()}")
-        try:
-            if get(admin + "/readyz", timeout=1)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("sidecar did not become ready")
+from tests.processes import free_port, get, wait_ready
 
 
 def sidecar(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

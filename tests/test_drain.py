@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Hit, Upstream
-from tests.test_cli import free_port, wait_ready
+from tests.processes import one_route_config, wait_ready
 
 
 @pytest.mark.timeout(60)
@@ -30,19 +30,12 @@ async def test_sigterm_drains_without_failing_a_request_started_before_the_liste
 
     upstream.on("/work", slowish)
     upstream.on("/long", long)
-    port, admin_port = free_port(), free_port()
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"""
-listen: 127.0.0.1:{port}
-admin: {{listen: 127.0.0.1:{admin_port}}}
-shutdown: {{drain_delay: 500ms, timeout: 5s}}
-log: {{access: false}}
-upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}
-routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
-""")
-    process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config)],
+    config = one_route_config(
+        tmp_path, upstream.url, "shutdown: {drain_delay: 500ms, timeout: 5s}\nlog: {access: false}"
+    )
+    process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config.path)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    base, admin = config.base, config.admin
     await asyncio.to_thread(wait_ready, admin, process)  # type: ignore[arg-type]
     ok = refused = 0
     failures: list[str] = []

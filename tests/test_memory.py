@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Hit, Upstream
-from tests.test_cli import free_port, wait_ready
+from tests.processes import one_route_config, wait_ready
 
 GIB = 1024**3
 CHUNK = b"\x5a" * (256 * 1024)
@@ -59,19 +59,12 @@ async def test_one_gib_each_way_grows_sidecar_memory_by_a_few_mib_at_most(
 
     upstream.on("/sink", sink)
     upstream.on("/source", source)
-    port, admin_port = free_port(), free_port()
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"""
-listen: 127.0.0.1:{port}
-admin: {{listen: 127.0.0.1:{admin_port}}}
-upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}
-routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
-""")
-    process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config)],
+    config = one_route_config(tmp_path, upstream.url)
+    process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config.path)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{admin_port}", process)  # type: ignore[arg-type]
-        base = f"http://127.0.0.1:{port}"
+        await asyncio.to_thread(wait_ready, config.admin, process)
+        base = config.base
         async with client.get(base + "/warm") as response:  # pools, imports and buffers are warm
             await response.read()
         baseline = rss_bytes(process.pid)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Hit, SidecarFactory, Upstream, with_test_listeners
-from tests.test_cli import free_port, get, wait_ready
+from tests.processes import free_port, get, wait_ready
 
 
 async def sick(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Upstream, wait_until
-from tests.test_cli import free_port, get, wait_ready
+from tests.processes import get, one_route_config, wait_ready
 
 
 def scrape_value(text: str, series: str) -> float:
@@ -35,22 +35,15 @@ def worker_pids(stderr_path: Path) -> list[int]:
 async def test_two_workers_share_the_port_add_up_metrics_restart_and_take_signals(
     upstream: Upstream, tmp_path: Path
 ) -> None:
-    port, admin_port = free_port(), free_port()
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"""
-listen: 127.0.0.1:{port}
-admin: {{listen: 127.0.0.1:{admin_port}}}
-shutdown: {{drain_delay: 100ms, timeout: 2s}}
-log: {{access: false}}
-upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}
-routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
-""")
+    config = one_route_config(
+        tmp_path, upstream.url, "shutdown: {drain_delay: 100ms, timeout: 2s}\nlog: {access: false}"
+    )
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config), "--workers", "2"],
+        process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config.path), "--workers", "2"],
                                    stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+        base, admin = config.base, config.admin
         await wait_until(lambda: len(worker_pids(stderr_path)) == 2)
         await asyncio.to_thread(wait_ready, admin, process)  # type: ignore[arg-type]
         # Both workers must be up before traffic, or one would take it all.
@@ -92,18 +85,10 @@ routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
 
 @pytest.mark.timeout(60)
 async def test_workers_stop_when_the_supervisor_is_killed(upstream: Upstream, tmp_path: Path) -> None:
-    port, admin_port = free_port(), free_port()
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"""
-listen: 127.0.0.1:{port}
-admin: {{listen: 127.0.0.1:{admin_port}}}
-shutdown: {{drain_delay: 0s, timeout: 1s}}
-upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}
-routes: [{{name: main, match: {{path_prefix: /}}, upstream: up}}]
-""")
+    config = one_route_config(tmp_path, upstream.url, "shutdown: {drain_delay: 0s, timeout: 1s}")
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config), "--workers", "2"],
+        process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config.path), "--workers", "2"],
                                    stdout=subprocess.DEVNULL, stderr=stderr)
     await wait_until(lambda: stderr_path.read_text().count('"sidecar started"') == 2, limit=15)
     workers = worker_pids(stderr_path)
