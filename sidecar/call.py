@@ -6,11 +6,11 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import ClientResponse
 from multidict import CIMultiDict
 
 from sidecar.body import Body
 from sidecar.config import Endpoint
+from sidecar.upstream_client import UpstreamResponse
 
 
 @dataclass(slots=True)
@@ -37,7 +37,7 @@ class Call:
 
 # A handler answers a call with the upstream's response, its body still unread,
 # or raises a SidecarError. A layer wraps a handler in one policy.
-Handler = Callable[[Call], Awaitable[ClientResponse]]
+Handler = Callable[[Call], Awaitable[UpstreamResponse]]
 Layer = Callable[[Handler], Handler]
 
 

@@ -19,7 +19,8 @@
         +-- UpstreamTimeout        504 timeout: per-try or total deadline passed before headers
 
 Upstream responses, 5xx included, are not errors here: they pass through untouched.
-Foreign exceptions (aiohttp, asyncio) are mapped to these at the edge, in `forward.py`.
+Foreign exceptions (aiohttp, OSError) are mapped to these at the network edge, in `upstream_client.py`
+(and a per-try timeout in `forward.py`).
 Callers tell our answers from the upstream's by the `x-sidecar-error` header.
 """
 

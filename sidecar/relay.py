@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import ClientResponse, web
+from aiohttp import web
 
 from sidecar.headers import downstream_response_headers
+from sidecar.upstream_client import UpstreamResponse
 
 log = logging.getLogger("sidecar.relay")
 
@@ -17,7 +18,7 @@ def has_no_body(method: str, status: int) -> bool:
 
 
 async def relay(
-    request: web.BaseRequest, upstream: ClientResponse, request_id: str, idle: float, extra: dict[str, str],
+    request: web.BaseRequest, upstream: UpstreamResponse, request_id: str, idle: float, extra: dict[str, str],
     keep_alive: bool = True,
 ) -> web.StreamResponse:
     """Send `upstream` to the caller as it arrives. Bytes pass untouched (no decoding).

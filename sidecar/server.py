@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +25,7 @@ from sidecar.metrics import NO_ROUTE, Metrics, multiprocess_registry
 from sidecar.protocol import GuardedServer
 from sidecar.proxy import ActiveRoute, Listener
 from sidecar.stack import RouteState, new_route_state, route_stack
+from sidecar.upstream_client import UpstreamClient
 
 log = logging.getLogger("sidecar")
 
@@ -34,24 +34,6 @@ MAX_LINE = MAX_FIELD = 65536
 # Below the idle timeout of common upstream servers (Node's default is 5s), so we
 # rarely reuse a connection the upstream is closing at the same moment.
 UPSTREAM_KEEPALIVE = 4.0
-
-
-def client_session() -> aiohttp.ClientSession:
-    """One pooled client for the process. It must not change what the caller sent."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
-    session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bytes pass through; Content-Encoding stays true
-        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-        max_line_size=MAX_LINE,
-        max_field_size=MAX_FIELD,
-        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep cookies between callers
-    )
-    # aiohttp silently resends idempotent requests once when a pooled connection turns
-    # out dead. Attempts are the retry layer's job, counted and bounded there, so an
-    # upstream sees exactly the attempts we report.
-    session._retry_connection = False
-    return session
 
 
 @dataclass(slots=True)
@@ -76,7 +58,7 @@ class Sidecar:
         self.access_log = AccessLog(config.log, log_stream)
         self.readiness = Readiness()
         self._reuse_port = reuse_port
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
         self._listeners: dict[Address, OpenListener] = {}
         self._service_runners: list[web.BaseRunner] = []  # admin and metrics
         self._pools: dict[str, EndpointPool] = {}
@@ -102,7 +84,7 @@ class Sidecar:
         return {name: route.state for name, route in self._routes.items()}
 
     async def start(self) -> None:
-        self._session = client_session()
+        self._client = UpstreamClient(UPSTREAM_KEEPALIVE, MAX_LINE, MAX_FIELD)
         self._pools, self._routes = self._build(self.config)
         try:
             for address in self.config.listeners:
@@ -119,7 +101,7 @@ class Sidecar:
     def _build(self, config: Config) -> tuple[dict[str, EndpointPool], dict[str, ActiveRoute]]:
         """Routes and endpoint pools for `config`, keeping those whose config did not change
         (with their breaker state, budget and ejections)."""
-        assert self._session is not None
+        assert self._client is not None
         clock = asyncio.get_running_loop().time
         pools: dict[str, EndpointPool] = {}
         for upstream in config.upstreams:
@@ -133,7 +115,7 @@ class Sidecar:
                 routes[spec.name] = old_route
                 continue
             state = new_route_state(spec, self.metrics.route(spec.name), pools[spec.upstream.name], clock, self.events)
-            routes[spec.name] = ActiveRoute(spec, route_stack(spec, self._session, state), state)
+            routes[spec.name] = ActiveRoute(spec, route_stack(spec, self._client, state), state)
         return pools, routes
 
     def _routes_on(self, address: Address) -> list[ActiveRoute]:
@@ -250,9 +232,9 @@ class Sidecar:
         for runner in self._service_runners:
             await runner.cleanup()
         self._service_runners.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         self.access_log.flush()
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import ClientSession
-
 from sidecar.call import Handler, Layer
 from sidecar.config import RouteSpec
 from sidecar.endpoints import EndpointPool
@@ -23,6 +21,7 @@ from sidecar.layers.limit import Bulkhead, limit_layer
 from sidecar.layers.retry import retry_layer
 from sidecar.layers.retry_budget import RetryBudget
 from sidecar.metrics import RouteMetrics
+from sidecar.upstream_client import UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +51,7 @@ def new_route_state(
     )
 
 
-def route_stack(route: RouteSpec, session: ClientSession, state: RouteState) -> Handler:
+def route_stack(route: RouteSpec, client: UpstreamClient, state: RouteState) -> Handler:
     layers: list[Layer] = [
         # Bulkhead first: a request waiting for a slot must not start its deadline or hold retries.
         limit_layer(state.bulkhead),
@@ -63,7 +62,7 @@ def route_stack(route: RouteSpec, session: ClientSession, state: RouteState) -> 
         # Fail fast without touching the network while the upstream is known broken.
         breaker_layer(state.breaker),
     ]
-    handler = forwarder(route, session, state.endpoints, state.metrics)
+    handler = forwarder(route, client, state.endpoints, state.metrics)
     for layer in reversed(layers):
         handler = layer(handler)
     return handler

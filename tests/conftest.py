@@ -25,6 +25,7 @@ from sidecar.config import Address, parse_config
 from sidecar.server import Sidecar
 
 Behaviour = Callable[[web.BaseRequest, "Hit"], Awaitable[web.StreamResponse]]
+RawBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @dataclass
@@ -213,3 +214,33 @@ class Gate:
 
     async def until_waiting(self, count: int) -> None:
         await wait_until(lambda: self.waiting >= count)
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[RawBehaviour], Awaitable[int]]]:
+    """Upstreams that speak raw bytes (broken HTTP, interim responses): make(behaviour) -> port."""
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def make(behaviour: RawBehaviour) -> int:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            try:
+                await behaviour(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                tasks.discard(task)
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    yield make
+    for task in list(tasks):
+        task.cancel()
+    for server in servers:
+        server.close()

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 
-from tests.conftest import SidecarFactory, Upstream
-
-RawBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+from tests.conftest import RawBehaviour, SidecarFactory, Upstream
 
 
 async def read_head(reader: asyncio.StreamReader) -> None:
@@ -65,35 +62,6 @@ async def gigabytes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
             await writer.drain()
         except ConnectionError:
             return
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[Callable[[RawBehaviour], Awaitable[int]]]:
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def make(behaviour: RawBehaviour) -> int:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await behaviour(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-                tasks.discard(task)
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-
-    yield make
-    for task in list(tasks):
-        task.cancel()
-    for server in servers:
-        server.close()
 
 
 ERRORS = [

@@ -212,5 +212,9 @@ def _endpoint(text: str, path: str, lines: Lines) -> Endpoint:
     if ":" in host:
         host = f"[{host}]"  # IPv6 literal
     authority = host if url.explicit_port is None else f"{host}:{url.explicit_port}"
-    base = f"{url.scheme}://{authority}{url.raw_path.rstrip('/')}"
-    return Endpoint(base=base, authority=authority)
+    path = url.raw_path.rstrip("/")
+    base = f"{url.scheme}://{authority}{path}"
+    return Endpoint(
+        base=base, authority=authority, host=url.raw_host or "", port=url.port or 80, tls=url.scheme == "https",
+        path=path,
+    )

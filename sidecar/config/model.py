@@ -32,6 +32,11 @@ class Endpoint:
 
     base: str
     authority: str  # host[:port] as written, sent as the Host header
+    # Where to connect, worked out once at load time so no request parses a URL.
+    host: str  # without IPv6 brackets
+    port: int
+    tls: bool
+    path: str  # base path prepended to every request target, "" for none
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pybreaker
-from aiohttp import ClientResponse
 
 from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.schema import CircuitBreaker
@@ -38,6 +37,7 @@ from sidecar.errors import (
 from sidecar.events import EventBus
 from sidecar.layers.failure_rate import FailureRateWindow
 from sidecar.metrics import RouteMetrics
+from sidecar.upstream_client import UpstreamResponse
 
 log = logging.getLogger("sidecar.breaker")
 RECENT_FAILURES = 10
@@ -207,7 +207,7 @@ def breaker_layer(breaker: RouteBreaker | None) -> Layer:
         return passthrough
 
     def wrap(inner: Handler) -> Handler:
-        async def guarded(call: Call) -> ClientResponse:
+        async def guarded(call: Call) -> UpstreamResponse:
             probe = breaker.admit()
             try:
                 response = await inner(call)

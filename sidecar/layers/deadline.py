@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import ClientResponse
-
 from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Timeouts
+from sidecar.upstream_client import UpstreamResponse
 
 
 def deadline_layer(timeouts: Timeouts) -> Layer:
@@ -16,7 +15,7 @@ def deadline_layer(timeouts: Timeouts) -> Layer:
     loop = asyncio.get_running_loop()
 
     def wrap(inner: Handler) -> Handler:
-        async def within_deadline(call: Call) -> ClientResponse:
+        async def within_deadline(call: Call) -> UpstreamResponse:
             # The deadline is a stamp, not a timer: the forward step gives each attempt
             # min(per_try, time left) and raises `timeout` when nothing is left, so
             # there is exactly one timer per attempt and errors stay specific.

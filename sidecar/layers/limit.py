@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import ClientResponse
-
 from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Limits
 from sidecar.errors import Overloaded
 from sidecar.events import EventBus
 from sidecar.metrics import RouteMetrics
+from sidecar.upstream_client import UpstreamResponse
 
 
 class Bulkhead:
@@ -56,7 +55,7 @@ class Bulkhead:
 
 def limit_layer(bulkhead: Bulkhead) -> Layer:
     def wrap(inner: Handler) -> Handler:
-        async def limited(call: Call) -> ClientResponse:
+        async def limited(call: Call) -> UpstreamResponse:
             await bulkhead.acquire()
             try:
                 response = await inner(call)

@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
-from aiohttp import ClientResponse
-
 from sidecar.body import CallerBody
 from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.schema import Retries
@@ -28,6 +26,7 @@ from sidecar.errors import CircuitOpen, ConnectFailure, UpstreamError, UpstreamR
 from sidecar.events import EventBus
 from sidecar.layers.retry_budget import RetryBudget
 from sidecar.metrics import RouteMetrics
+from sidecar.upstream_client import UpstreamResponse
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CONDITIONS = {ConnectFailure.kind: "connect-failure", UpstreamReset.kind: "reset", UpstreamTimeout.kind: "timeout"}
@@ -45,15 +44,15 @@ def retry_layer(
     loop = asyncio.get_running_loop()
 
     def wrap(inner: Handler) -> Handler:
-        async def with_retries(call: Call) -> ClientResponse:
+        async def with_retries(call: Call) -> UpstreamResponse:
             budget.deposit()
             attempts = policy.attempts if call.max_attempts is None else min(policy.attempts, call.max_attempts)
             if isinstance(call.body, CallerBody) and attempts > 1 and _fits(call, policy.max_body):
                 call.body = await call.body.read_all()  # small enough to replay
             retry = 0
-            previous: ClientResponse | UpstreamError | None = None
+            previous: UpstreamResponse | UpstreamError | None = None
             while True:
-                failure: UpstreamError | ClientResponse
+                failure: UpstreamError | UpstreamResponse
                 try:
                     failure = response = await inner(call)
                 except CircuitOpen:
@@ -80,7 +79,7 @@ def retry_layer(
                 wait = min(policy.backoff.max, policy.backoff.base * 2**retry)
                 wait = jitter(0.0, wait)
                 skip = _why_not(call, attempts, reason, policy)
-                if skip is None and isinstance(failure, ClientResponse) and failure.status in (429, 503):
+                if skip is None and isinstance(failure, UpstreamResponse) and failure.status in (429, 503):
                     after = _retry_after(failure.headers.get("Retry-After"))
                     if after is not None:
                         if after > policy.retry_after_max:
@@ -105,14 +104,14 @@ def retry_layer(
     return wrap
 
 
-def _deliver(failure: ClientResponse | UpstreamError) -> ClientResponse:
+def _deliver(failure: UpstreamResponse | UpstreamError) -> UpstreamResponse:
     if isinstance(failure, UpstreamError):
         raise failure
     return failure
 
 
-def _discard(failure: ClientResponse | UpstreamError | None) -> None:
-    if isinstance(failure, ClientResponse):
+def _discard(failure: UpstreamResponse | UpstreamError | None) -> None:
+    if isinstance(failure, UpstreamResponse):
         failure.release()
 
 
