@@ -13,6 +13,16 @@ from sidecar.upstream_client import UpstreamResponse
 log = logging.getLogger("sidecar.relay")
 
 
+class HeldHeadResponse(web.StreamResponse):
+    """Headers wait for the first body write and leave with it: one write, one segment.
+
+    (aiohttp's own `Response` does this; a StreamResponse sends headers at prepare().)
+    Used only when body bytes are already here, so the caller never waits for headers.
+    """
+
+    _send_headers_immediately = False
+
+
 def has_no_body(method: str, status: int) -> bool:
     return method == "HEAD" or status in (204, 304) or status < 200
 
@@ -28,7 +38,9 @@ async def relay(
     """
     headers = downstream_response_headers(upstream.headers, request_id)
     headers.update(extra)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    content = upstream.content
+    kind = HeldHeadResponse if content.total_bytes else web.StreamResponse
+    response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
     if not keep_alive:
         response.force_close()
     try:
@@ -36,8 +48,12 @@ async def relay(
         if has_no_body(request.method, upstream.status):
             upstream.release()
             return response
+        if content.is_eof():
+            # The whole body came with the headers (small responses): send it in one go.
+            await response.write_eof(content.read_nowait())
+            upstream.release()
+            return response
         loop = asyncio.get_running_loop()
-        content = upstream.content
         # One watchdog for the whole body, pushed forward whenever a chunk moves:
         # it catches a silent upstream and a caller that stopped reading alike.
         async with asyncio.timeout(idle) as watchdog:
