@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -12,6 +13,9 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 REQUEST_ID = "X-Request-Id"
+_ids = random.Random()  # seeded from os.urandom, and again in a forked child so siblings differ
+os.register_at_fork(after_in_child=_ids.seed)
+_random_bits = _ids.getrandbits
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -66,5 +70,7 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str
 
 
 def request_id_of(incoming: CIMultiDictProxy[str]) -> str:
-    # 128 random bits as 32 hex digits, like uuid4().hex, without building a UUID object.
-    return incoming.get(REQUEST_ID) or os.urandom(16).hex()
+    # 128 random bits as 32 hex digits, like uuid4().hex. An id correlates logs, it guards
+    # nothing, so it comes from the fast in-process generator rather than a getrandom(2)
+    # syscall per request.
+    return incoming.get(REQUEST_ID) or f"{_random_bits(128):032x}"

@@ -146,11 +146,11 @@ class RouteMetrics:
         self._metrics.limit_rejections.labels(self._name, limit).inc()
 
     def answered(self, method: str, code: int, seconds: float) -> None:
-        key = (method, code)
+        # Keyed by the label, not the method: callers can invent any number of methods.
+        key = (method if method in METHODS else "OTHER", code)
         counter = self._requests.get(key)
         if counter is None:
-            label = method if method in METHODS else "OTHER"
-            counter = self._requests[key] = self._metrics.requests.labels(self._name, label, str(code))
+            counter = self._requests[key] = self._metrics.requests.labels(self._name, key[0], str(code))
         counter.inc()
         self.duration.observe(seconds)
 

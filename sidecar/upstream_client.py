@@ -37,8 +37,15 @@ from sidecar.errors import BadRequest, BadUpstreamResponse, ConnectFailure, Side
 # (as aiohttp's client did), because some servers answer 411 otherwise.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
+
+class Connection(ResponseHandler):
+    """aiohttp's client protocol, remembering which kind of response parser it has."""
+
+    head_only: bool | None = None  # None: no parser yet
+
+
 # An endpoint's idle connections with the loop time each became idle, oldest on the left.
-Pool = deque[tuple[ResponseHandler, float]]
+Pool = deque[tuple[Connection, float]]
 
 
 class UpstreamResponse:
@@ -47,7 +54,7 @@ class UpstreamResponse:
     __slots__ = ("_clock", "_connection", "_pool", "_sending", "content", "headers", "reason", "status")
 
     def __init__(
-        self, message: RawResponseMessage, content: StreamReader, connection: ResponseHandler,
+        self, message: RawResponseMessage, content: StreamReader, connection: Connection,
         sending: asyncio.Task[None] | None, pool: Pool, clock: Callable[[], float],
     ) -> None:
         self.status: int = message.code
@@ -99,14 +106,19 @@ class UpstreamClient:
         pool = self._idle.get(endpoint)
         if pool is None:
             pool = self._idle[endpoint] = deque()
-        connection = self._pooled(pool)  # not `or`: a ResponseHandler is a queue, falsy when empty
+        connection = self._pooled(pool)  # not `or`: a Connection is a queue, falsy when empty
         if connection is None:
             connection = await self._connect(endpoint, connect_timeout)
-        # Per request, as aiohttp does: HEAD's response has no body whatever it declares.
-        connection.set_response_params(
-            skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False,
-            max_line_size=self._max_line, max_field_size=self._max_field,
-        )
+        head_only = method == "HEAD"
+        if connection.head_only is not head_only:
+            # A new parser only when the connection's is missing or of the other kind: HEAD's
+            # response has no body whatever it declares. (aiohttp makes one per request; the
+            # llhttp parser reads any number of messages in a row.)
+            connection.set_response_params(
+                skip_payload=head_only, read_until_eof=True, auto_decompress=False,
+                max_line_size=self._max_line, max_field_size=self._max_field,
+            )
+            connection.head_only = head_only
         transport = connection.transport
         assert transport is not None  # connected just now, or checked when taken from the pool
         sending: asyncio.Task[None] | None = None
@@ -126,7 +138,7 @@ class UpstreamClient:
             raise
         return UpstreamResponse(message, payload, connection, sending, pool, self._loop.time)
 
-    def _pooled(self, pool: Pool) -> ResponseHandler | None:
+    def _pooled(self, pool: Pool) -> Connection | None:
         if not pool:
             return None
         too_old = self._loop.time() - self._keepalive
@@ -138,8 +150,8 @@ class UpstreamClient:
                 return connection
         return None
 
-    async def _connect(self, endpoint: Endpoint, within: float) -> ResponseHandler:
-        connection = ResponseHandler(self._loop)
+    async def _connect(self, endpoint: Endpoint, within: float) -> Connection:
+        connection = Connection(self._loop)
         tls = self._tls_context() if endpoint.tls else None
         try:
             async with asyncio.timeout(within):
@@ -184,7 +196,7 @@ def _request_head(method: str, target: str, headers: CIMultiDict[str], body: Bod
     return head.encode("utf-8", "surrogateescape")
 
 
-async def _send_body(connection: ResponseHandler, loop: asyncio.AbstractEventLoop, body: CallerBody,
+async def _send_body(connection: Connection, loop: asyncio.AbstractEventLoop, body: CallerBody,
                      sized: bool) -> None:
     writer = StreamWriter(connection, loop)
     if not sized:
@@ -197,7 +209,7 @@ async def _send_body(connection: ResponseHandler, loop: asyncio.AbstractEventLoo
 Head = tuple[RawResponseMessage, StreamReader]
 
 
-async def _response_head(connection: ResponseHandler, sending: asyncio.Task[None] | None, authority: str) -> Head:
+async def _response_head(connection: Connection, sending: asyncio.Task[None] | None, authority: str) -> Head:
     """The first final response (1xx interim responses are skipped), errors mapped to ours."""
     try:
         while True:
@@ -217,7 +229,7 @@ async def _response_head(connection: ResponseHandler, sending: asyncio.Task[None
         raise UpstreamReset(f"the connection to {authority} failed: {exc}") from exc
 
 
-async def _read_while_sending(connection: ResponseHandler, sending: asyncio.Task[None]) -> Head:
+async def _read_while_sending(connection: Connection, sending: asyncio.Task[None]) -> Head:
     """Wait for response headers while the body streams; a failure of the caller's body wins."""
     reading = asyncio.ensure_future(connection.read())
     try:

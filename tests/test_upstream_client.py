@@ -86,6 +86,18 @@ async def test_early_answer_during_an_upload_reaches_the_caller_and_the_connecti
     assert upstream.hits[0].peer != upstream.hits[1].peer
 
 
+async def test_head_and_get_alternate_on_one_pooled_connection_with_the_right_bodies(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    for method in ("HEAD", "GET", "GET", "HEAD", "HEAD", "GET"):
+        async with client.request(method, proxy.url + "/x") as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(f"{method} /x"))  # HEAD declares it too
+            assert await response.read() == (b"" if method == "HEAD" else b"GET /x")
+    assert len({hit.peer for hit in upstream.hits}) == 1
+
+
 async def test_post_without_a_body_is_sent_with_content_length_zero(
     sidecar_factory: SidecarFactory, upstream: Upstream
 ) -> None:

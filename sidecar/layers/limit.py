@@ -8,6 +8,9 @@ included). Over `max_concurrent` it waits in a queue of at most `max_pending` fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import deque
+from typing import NoReturn
 
 from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Limits
@@ -18,45 +21,65 @@ from sidecar.upstream_client import UpstreamResponse
 
 
 class Bulkhead:
+    """Slots counted by hand rather than with asyncio.Semaphore: a free slot is taken
+    without a coroutine call, and a released slot goes straight to the longest waiter."""
+
     def __init__(self, route: str, limits: Limits, metrics: RouteMetrics, events: EventBus) -> None:
         self._route = route
         self._events = events
         self._limits = limits
-        self._slots = asyncio.Semaphore(limits.max_concurrent)
-        self._pending = 0
+        self._free = limits.max_concurrent
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._metrics = metrics
 
-    async def acquire(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()  # a free slot: returns at once
-            return
+    def try_acquire(self) -> bool:
+        if self._free and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def wait(self) -> None:
+        """Queue for a slot (after try_acquire failed), within max_pending and queue_timeout."""
         limits = self._limits
-        if self._pending >= limits.max_pending:
+        if len(self._waiters) >= limits.max_pending:
             limit = "concurrent" if limits.max_pending == 0 else "pending"
             self._refuse(limit, f"{limits.max_concurrent} requests in flight" + (
                 f" and {limits.max_pending} waiting" if limits.max_pending else ""))
-        self._pending += 1
+        slot = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
         try:
             async with asyncio.timeout(limits.queue_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            self._refuse("queue_timeout", f"no slot within {limits.queue_timeout:g}s")
-        finally:
-            self._pending -= 1
+                await slot
+        except BaseException as exc:
+            if slot.done() and not slot.cancelled():
+                self.release()  # a slot was handed over just as we gave up: pass it on
+            else:
+                slot.cancel()  # release() skips it
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(slot)
+            if isinstance(exc, TimeoutError):
+                self._refuse("queue_timeout", f"no slot within {limits.queue_timeout:g}s")
+            raise
 
-    def _refuse(self, limit: str, why: str) -> None:
+    def _refuse(self, limit: str, why: str) -> NoReturn:
         self._metrics.limit_rejected(limit)
         self._events.publish_limited("limit_rejected", self._route, limit=limit)
         raise Overloaded(f"the route is at its concurrency limit: {why}", limit)
 
     def release(self) -> None:
-        self._slots.release()
+        while self._waiters:
+            slot = self._waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot changes hands without ever being free
+                return
+        self._free += 1
 
 
 def limit_layer(bulkhead: Bulkhead) -> Layer:
     def wrap(inner: Handler) -> Handler:
         async def limited(call: Call) -> UpstreamResponse:
-            await bulkhead.acquire()
+            if not bulkhead.try_acquire():
+                await bulkhead.wait()
             try:
                 response = await inner(call)
             except BaseException:
