@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Timeouts
@@ -15,13 +16,14 @@ def deadline_layer(timeouts: Timeouts) -> Layer:
     loop = asyncio.get_running_loop()
 
     def wrap(inner: Handler) -> Handler:
-        async def within_deadline(call: Call) -> UpstreamResponse:
+        def within_deadline(call: Call) -> Awaitable[UpstreamResponse]:
             # The deadline is a stamp, not a timer: the forward step gives each attempt
             # min(per_try, time left) and raises `timeout` when nothing is left, so
             # there is exactly one timer per attempt and errors stay specific.
+            # A plain function handing on the inner awaitable: no coroutine of its own.
             limit = total if call.timeout is None else min(total, call.timeout)  # callers only tighten
             call.deadline = min(call.deadline, loop.time() + limit)
-            return await inner(call)
+            return inner(call)
 
         return within_deadline
 
