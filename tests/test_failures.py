@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Hit, SidecarFactory, Upstream, route_yaml
+from tests.conftest import Gate, Hit, SidecarFactory, Upstream, route_yaml, wait_until
 
 
 def error_body(kind: str, message: str, retryable: bool, attempts: int = 1, route: str = "main") -> dict[str, object]:
@@ -264,3 +264,21 @@ async def test_dropped_pooled_connection_is_not_silently_resent(
         assert response.status == 502
     assert [hit.target for hit in upstream.hits] == ["/warm", "/drop"]
     assert upstream.hits[0].peer == upstream.hits[1].peer
+
+
+async def test_caller_leaving_before_headers_is_caller_gone_not_a_timeout(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    gate = Gate()
+    upstream.on("/slow", gate)
+    proxy = await sidecar_factory(route_yaml(upstream.url, "timeouts: {per_try: 5s}\nretries: {attempts: 1}"))
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    await writer.drain()
+    await gate.until_waiting(1)
+    writer.close()  # the caller hangs up while the attempt waits for headers
+    await wait_until(lambda: proxy.metric("sidecar_in_flight_requests", route="main") == 0)
+    (entry,) = proxy.access_log()
+    assert (entry["status"], entry["error"]) == (499, "caller_gone")
+    assert proxy.metric("sidecar_upstream_attempts_total", route="main", outcome="timeout") == 0
+    gate.release.set()
