@@ -18,14 +18,13 @@ os.register_at_fork(after_in_child=_ids.seed)
 _random_bits = _ids.getrandbits
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _dropped(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Lower-case names not to forward: hop-by-hop ones and those the Connection header names."""
     values = headers.getall("Connection", ())
-    return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
-
-
-def _is_hop_by_hop(name: str, named: frozenset[str]) -> bool:
-    lower = name.lower()
-    return lower in HOP_BY_HOP or lower.startswith("proxy-") or lower in named
+    if not values or values == ["keep-alive"] or values == ["close"]:
+        return HOP_BY_HOP  # the usual case, without building a set per message
+    named = (token.strip().lower() for value in values for token in value.split(","))
+    return HOP_BY_HOP.union(named)
 
 
 def upstream_request_headers(
@@ -37,11 +36,11 @@ def upstream_request_headers(
     headers are instructions to us, never forwarded.
     X-Forwarded-Proto/Host from a caller are kept (it may sit behind another proxy).
     """
-    named = _connection_tokens(incoming)
+    dropped = _dropped(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if _is_hop_by_hop(name, named) or lower in ("host", "x-forwarded-for") or lower.startswith("x-sidecar-"):
+        if lower in dropped or lower in ("host", "x-forwarded-for") or lower.startswith(("proxy-", "x-sidecar-")):
             continue
         out.add(name, value)
     chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
@@ -59,11 +58,11 @@ def upstream_request_headers(
 
 def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """Headers for the caller: the upstream's end-to-end headers, plus the request id."""
-    named = _connection_tokens(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        if not _is_hop_by_hop(name, named):
-            out.add(name, value)
+    dropped = _dropped(upstream)
+    out = CIMultiDict([
+        (name, value) for name, value in upstream.items()
+        if (lower := name.lower()) not in dropped and not lower.startswith("proxy-")
+    ])
     if REQUEST_ID not in out:
         out[REQUEST_ID] = request_id
     return out
