@@ -23,6 +23,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 from aiohttp import ClientConnectionError, ServerDisconnectedError, StreamReader
 from aiohttp.client_proto import ResponseHandler
@@ -51,11 +52,11 @@ Pool = deque[tuple[Connection, float]]
 class UpstreamResponse:
     """An upstream's response with its headers read and its body still on the wire."""
 
-    __slots__ = ("_clock", "_connection", "_pool", "_sending", "content", "headers", "reason", "status")
+    __slots__ = ("_connection", "_give_back", "_sending", "content", "headers", "reason", "status")
 
     def __init__(
         self, message: RawResponseMessage, content: StreamReader, connection: Connection,
-        sending: asyncio.Task[None] | None, pool: Pool, clock: Callable[[], float],
+        sending: asyncio.Task[None] | None, give_back: Callable[[Connection], None],
     ) -> None:
         self.status: int = message.code
         self.reason: str = message.reason
@@ -63,18 +64,19 @@ class UpstreamResponse:
         self.content = content
         self._connection = connection
         self._sending = sending
-        self._pool = pool  # where the connection goes back to
-        self._clock = clock
+        self._give_back = give_back
 
     def release(self) -> None:
         """Done with it: the connection goes back to the pool if the exchange ended cleanly."""
         connection = self._connection
         sending, self._sending = self._sending, None
-        if sending is not None and not sending.done():
-            sending.cancel()  # the upstream answered before taking the whole body
+        if sending is not None and (not sending.done() or sending.cancelled() or sending.exception()):
+            # The upstream answered before taking the whole body, or the body failed on the
+            # way: the request's framing on this connection is unfinished.
+            sending.cancel()
             connection.abort()
         elif connection.is_connected() and self.content.is_eof() and not connection.should_close:
-            self._pool.append((connection, self._clock()))
+            self._give_back(connection)
         else:
             connection.close()  # body unread or broken: the connection's framing is unknown
 
@@ -95,6 +97,8 @@ class UpstreamClient:
         self._max_field = max_field
         self._loop = asyncio.get_running_loop()
         self._idle: dict[Endpoint, Pool] = {}
+        self._back: dict[Endpoint, Callable[[Connection], None]] = {}  # give_back bound to each pool
+        self._sweep: asyncio.TimerHandle | None = None
         self._tls: ssl.SSLContext | None = None  # made on first use: most sidecars never need it
 
     async def send(
@@ -106,6 +110,7 @@ class UpstreamClient:
         pool = self._idle.get(endpoint)
         if pool is None:
             pool = self._idle[endpoint] = deque()
+            self._back[endpoint] = partial(self._give_back, pool)
         connection = self._pooled(pool)  # not `or`: a Connection is a queue, falsy when empty
         if connection is None:
             connection = await self._connect(endpoint, connect_timeout)
@@ -136,13 +141,28 @@ class UpstreamClient:
                 sending.cancel()
             connection.abort()  # whatever happened, this connection's state is unknown
             raise
-        return UpstreamResponse(message, payload, connection, sending, pool, self._loop.time)
+        return UpstreamResponse(message, payload, connection, sending, self._back[endpoint])
+
+    def _give_back(self, pool: Pool, connection: Connection) -> None:
+        pool.append((connection, self._loop.time()))
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(self._keepalive, self._close_expired)
+
+    def _close_expired(self) -> None:
+        """Close connections idle past keepalive even when no request comes to notice them."""
+        self._sweep = None
+        too_old = self._loop.time() - self._keepalive
+        for pool in self._idle.values():
+            while pool and pool[0][1] <= too_old:
+                pool.popleft()[0].close()
+        if any(self._idle.values()):
+            self._sweep = self._loop.call_later(self._keepalive, self._close_expired)
 
     def _pooled(self, pool: Pool) -> Connection | None:
         if not pool:
             return None
         too_old = self._loop.time() - self._keepalive
-        while pool and pool[0][1] < too_old:
+        while pool and pool[0][1] <= too_old:
             pool.popleft()[0].close()
         while pool:
             connection = pool.pop()[0]  # the most recently used: least likely to be closing
@@ -172,6 +192,9 @@ class UpstreamClient:
 
     def close(self) -> None:
         """Close the idle connections (those in use are closed by their responses)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in self._idle.values():
             for connection, _ in idle:
                 connection.close()

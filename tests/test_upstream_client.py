@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 
+from sidecar.body import CallerBody
 from sidecar.config.model import Endpoint
 from sidecar.errors import BadRequest
 from sidecar.upstream_client import UpstreamClient
@@ -21,12 +23,15 @@ def endpoint_of(upstream: Upstream) -> Endpoint:
     return Endpoint(base=upstream.url, authority=authority, host="127.0.0.1", port=upstream.port, tls=False, path="")
 
 
-async def get(client: UpstreamClient, upstream: Upstream) -> bytes:
-    endpoint = endpoint_of(upstream)
+async def get_from(client: UpstreamClient, endpoint: Endpoint) -> bytes:
     response = await client.send(endpoint, "GET", "/", CIMultiDict(Host=endpoint.authority), None, 1.0)
     body = await response.content.read()
     response.release()
     return body
+
+
+async def get(client: UpstreamClient, upstream: Upstream) -> bytes:
+    return await get_from(client, endpoint_of(upstream))
 
 
 async def continue_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -133,3 +138,62 @@ async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_se
     finally:
         client.close()
     assert [hit.target for hit in upstream.hits] == ["/"]
+
+
+async def test_idle_connections_are_closed_after_keepalive_without_new_requests(
+    raw_upstream: Callable[[RawBehaviour], Awaitable[int]],
+) -> None:
+    closed = asyncio.Event()
+
+    async def answer_then_watch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        assert await reader.read() == b""  # until the client closes its end
+        closed.set()
+
+    port = await raw_upstream(answer_then_watch)
+    client = UpstreamClient(keepalive=0.1, max_line=8190, max_field=8190)
+    endpoint = Endpoint(base=f"http://127.0.0.1:{port}", authority=f"127.0.0.1:{port}", host="127.0.0.1",
+                        port=port, tls=False, path="")
+    try:
+        response = await client.send(endpoint, "GET", "/", CIMultiDict(Host=endpoint.authority), None, 1.0)
+        assert await response.content.read() == b"ok"
+        response.release()
+        assert not closed.is_set()  # pooled, open
+        async with asyncio.timeout(2):
+            await closed.wait()  # closed by the sweep, with no request coming to notice it
+    finally:
+        client.close()
+
+
+async def test_a_connection_whose_request_body_failed_is_not_reused(
+    raw_upstream: Callable[[RawBehaviour], Awaitable[int]],
+) -> None:
+    connections = 0
+
+    async def answer_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:  # one answer per request head, whatever the body does
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    port = await raw_upstream(answer_early)
+    client = UpstreamClient(keepalive=5.0, max_line=8190, max_field=8190)
+    endpoint = Endpoint(base=f"http://127.0.0.1:{port}", authority=f"127.0.0.1:{port}", host="127.0.0.1",
+                        port=port, tls=False, path="")
+    loop = asyncio.get_running_loop()
+    stalled = StreamReader(BaseProtocol(loop), 2**16, loop=loop)
+    stalled.feed_data(b"part of a body that never finishes")
+    headers = CIMultiDict({"Host": endpoint.authority, "Content-Length": "1000"})
+    try:
+        response = await client.send(endpoint, "POST", "/", headers, CallerBody(stalled, idle=0.05), 1.0)
+        assert await response.content.read() == b"ok"
+        await asyncio.sleep(0.1)  # the caller's body goes silent past its idle timeout
+        response.release()
+        assert await get_from(client, endpoint) == b"ok"
+    finally:
+        client.close()
+    assert connections == 2  # the half-sent body's connection was dropped, not reused
