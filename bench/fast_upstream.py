@@ -1,7 +1,7 @@
 """A minimal aiohttp upstream for the benchmark, used when nginx is not installed.
 
-Run as `python bench/fast_upstream.py PORT`. Every request gets `200` with a fixed 1 KiB body, so the
-upstream does as little work as aiohttp allows and the sidecar's overhead stands out.
+Run as `python bench/fast_upstream.py PORT [--body-size BYTES]`. Every request gets `200` with a fixed body
+(1 KiB by default), so the upstream does as little work as aiohttp allows and the sidecar's overhead stands out.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-BODY = b"x" * 1024
 # The bench kills us; this cap only matters if it could not (e.g. it was SIGKILLed), so we never linger.
 MAX_LIFETIME_S = 3600.0
 
 
-async def handle(request: web.Request) -> web.Response:
-    return web.Response(body=BODY, content_type="text/plain")
+async def serve(port: int, body_size: int) -> None:
+    body = b"x" * body_size
 
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
 
-async def serve(port: int) -> None:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     # No access log: formatting a log line per request would cost more than the handler itself.
@@ -52,9 +52,10 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("port", type=int)
+    parser.add_argument("--body-size", type=int, default=1024, help="response body bytes (1024)")
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(serve(args.port))
+        runner.run(serve(args.port, args.body_size))
 
 
 if __name__ == "__main__":

@@ -127,9 +127,10 @@ def cpu_list(cpus: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class Pinning:
-    """Which CPU the load side (upstream + load generator) gets and which CPUs the sidecar gets; None = not
-    pinned. By default the sidecar has cores to itself, so its CPU cost is not blurred by the load generator
-    competing for them: one core for one worker, every core but the load core for more."""
+    """Which CPU the load side (upstream + load generator) gets and which CPUs the sidecar gets (and every other
+    proxy the bench measures, so they compete on equal terms); None = not pinned. By default the sidecar has
+    cores to itself, so its CPU cost is not blurred by the load generator competing for them: one core for one
+    worker, every core but the load core for more."""
 
     load_cpu: int | None
     sidecar_cpus: tuple[int, ...] | None
@@ -156,7 +157,7 @@ class Pinning:
     def describe(self) -> str:
         if self.sidecar_cpus is None:
             return "none"
-        sidecar = f"sidecar on CPU{'s' if len(self.sidecar_cpus) > 1 else ''} {cpu_list(self.sidecar_cpus)}"
+        sidecar = f"proxies on CPU{'s' if len(self.sidecar_cpus) > 1 else ''} {cpu_list(self.sidecar_cpus)}"
         load = "upstream+loadgen not pinned" if self.load_cpu is None else f"upstream+loadgen on CPU {self.load_cpu}"
         return f"{load}, {sidecar} (taskset)"
 
