@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from sidecar import __version__
 from sidecar.config import ConfigError, load_config
 from sidecar.config.describe import describe, json_schema
 from sidecar.logs import setup_json_logging
+
+GC_THRESHOLD = 7000  # young-generation threshold while serving (Python's default: 700)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +99,12 @@ def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
     sidecar = Sidecar(config, config_path=path, reuse_port=worker)
+    # Python's cyclic GC runs a young-generation pass every 700 net allocations. With
+    # requests in flight that threshold is crossed constantly although a request leaves
+    # almost no cycles behind, and each full pass walks every object loaded at start:
+    # about 4 us per request at 14k req/s. Ten times the threshold keeps cycles bounded
+    # (at most a few thousand objects wait) and GC out of the per-request cost.
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     if worker:
         from sidecar.workers import stop_with_supervisor
 
