@@ -119,7 +119,10 @@ class Listener:
         request_id = request_id_of(request.headers)
         raw_path = request.raw_path
         refused = refusal(request, raw_path, self.limits)
-        route = self._table.match(request.host, raw_path) if refused is None else None
+        # The Host header as sent: when it is missing (HTTP/1.0), aiohttp's request.host
+        # falls back to our own listening address, which a host route could match.
+        host = request.headers.get("Host", "")
+        route = self._table.match(host, raw_path) if refused is None else None
         if route is None:
             error = refused or NoRoute(f"no route matches {request.method} {request.path}")
             self._unmatched.answered(request.method, error.status, self._loop.time() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -223,3 +224,21 @@ async def test_idle_keep_alive_connections_are_closed_after_the_keepalive_timeou
         assert await reader.read() == b""  # the sidecar closes the idle connection
     writer.close()
     assert [hit.target for hit in upstream.hits] == ["/first"]
+
+
+async def test_http10_request_without_host_matches_no_host_route(
+    sidecar_factory: SidecarFactory, upstream_factory: Callable[[str], Awaitable[Upstream]]
+) -> None:
+    # aiohttp's request.host would answer the listener's own address (127.0.0.1:port) here.
+    by_host, catch_all = await upstream_factory("by_host"), await upstream_factory("catch_all")
+    proxy = await sidecar_factory(f"""
+        upstreams:
+          by_host: {{endpoints: ["{by_host.url}"]}}
+          catch_all: {{endpoints: ["{catch_all.url}"]}}
+        routes:
+          - {{name: by_host, match: {{host: 127.0.0.1, path_prefix: /}}, upstream: by_host}}
+          - {{name: catch_all, match: {{path_prefix: /}}, upstream: catch_all}}
+    """)
+    answer = await raw_exchange(proxy.port, b"GET /who HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200"), answer[:100]
+    assert (len(by_host.hits), len(catch_all.hits)) == (0, 1)
