@@ -18,9 +18,13 @@ from sidecar.upstream_client import UpstreamClient
 from tests.conftest import Hit, RawBehaviour, SidecarFactory, Upstream, raw_exchange, route_yaml, wait_until
 
 
+def endpoint_at(port: int) -> Endpoint:
+    return Endpoint(base=f"http://127.0.0.1:{port}", authority=f"127.0.0.1:{port}", host="127.0.0.1", port=port,
+                    tls=False, path="")
+
+
 def endpoint_of(upstream: Upstream) -> Endpoint:
-    authority = f"127.0.0.1:{upstream.port}"
-    return Endpoint(base=upstream.url, authority=authority, host="127.0.0.1", port=upstream.port, tls=False, path="")
+    return endpoint_at(upstream.port)
 
 
 async def get_from(client: UpstreamClient, endpoint: Endpoint) -> bytes:
@@ -154,8 +158,7 @@ async def test_idle_connections_are_closed_after_keepalive_without_new_requests(
 
     port = await raw_upstream(answer_then_watch)
     client = UpstreamClient(keepalive=0.1, max_line=8190, max_field=8190)
-    endpoint = Endpoint(base=f"http://127.0.0.1:{port}", authority=f"127.0.0.1:{port}", host="127.0.0.1",
-                        port=port, tls=False, path="")
+    endpoint = endpoint_at(port)
     try:
         response = await client.send(endpoint, "GET", "/", CIMultiDict(Host=endpoint.authority), None, 1.0)
         assert await response.content.read() == b"ok"
@@ -182,8 +185,7 @@ async def test_a_connection_whose_request_body_failed_is_not_reused(
 
     port = await raw_upstream(answer_early)
     client = UpstreamClient(keepalive=5.0, max_line=8190, max_field=8190)
-    endpoint = Endpoint(base=f"http://127.0.0.1:{port}", authority=f"127.0.0.1:{port}", host="127.0.0.1",
-                        port=port, tls=False, path="")
+    endpoint = endpoint_at(port)
     loop = asyncio.get_running_loop()
     stalled = StreamReader(BaseProtocol(loop), 2**16, loop=loop)
     stalled.feed_data(b"part of a body that never finishes")
