@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from sidecar.call import Call, Handler
-from sidecar.config import RouteSpec
+from sidecar.config import Endpoint, RouteSpec
 from sidecar.endpoints import EndpointPool
 from sidecar.errors import BadUpstreamResponse, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
 from sidecar.metrics import RouteMetrics
@@ -48,17 +48,23 @@ def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool,
             if not expiry.owns_cancellation():
                 raise
             error = UpstreamTimeout(f"{endpoint.authority} sent no response headers within {budget:.3g}s")
-            _failed(call, endpoints, metrics, error, loop.time() - started)
+            settle(call, endpoint, OUTCOMES[error.kind], True, started)
             raise error from None
         except UpstreamError as error:
-            _failed(call, endpoints, metrics, error, loop.time() - started)
+            settle(call, endpoint, OUTCOMES[error.kind], True, started)
             raise
         finally:
             timer.cancel()
         failed = response.status >= 500
-        endpoints.record(endpoint, failed)
-        _account(call, metrics, "failure_status" if failed else "success", loop.time() - started)
+        settle(call, endpoint, "failure_status" if failed else "success", failed, started)
         return response
+
+    def settle(call: Call, endpoint: Endpoint, outcome: str, failed: bool, started: float) -> None:
+        """The attempt's verdict, for outlier ejection, metrics and the response headers."""
+        endpoints.record(endpoint, failed)
+        seconds = loop.time() - started
+        call.upstream_seconds += seconds
+        metrics.attempt(outcome, seconds)
 
     return forward
 
@@ -83,14 +89,3 @@ class Expiry:
 
     def owns_cancellation(self) -> bool:
         return self._fired and self._task.uncancel() <= self._cancelling
-
-
-def _failed(call: Call, endpoints: EndpointPool, metrics: RouteMetrics, error: UpstreamError, seconds: float) -> None:
-    assert call.endpoint is not None
-    endpoints.record(call.endpoint, failed=True)
-    _account(call, metrics, OUTCOMES[error.kind], seconds)
-
-
-def _account(call: Call, metrics: RouteMetrics, outcome: str, seconds: float) -> None:
-    call.upstream_seconds += seconds
-    metrics.attempt(outcome, seconds)

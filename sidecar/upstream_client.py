@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Callable
-from functools import partial
 
 from aiohttp import ClientConnectionError, ServerDisconnectedError, StreamReader
 from aiohttp.client_proto import ResponseHandler
@@ -52,11 +50,11 @@ Pool = deque[tuple[Connection, float]]
 class UpstreamResponse:
     """An upstream's response with its headers read and its body still on the wire."""
 
-    __slots__ = ("_connection", "_give_back", "_sending", "content", "headers", "reason", "status")
+    __slots__ = ("_client", "_connection", "_pool", "_sending", "content", "headers", "reason", "status")
 
     def __init__(
         self, message: RawResponseMessage, content: StreamReader, connection: Connection,
-        sending: asyncio.Task[None] | None, give_back: Callable[[Connection], None],
+        sending: asyncio.Task[None] | None, client: UpstreamClient, pool: Pool,
     ) -> None:
         self.status: int = message.code
         self.reason: str = message.reason
@@ -64,7 +62,8 @@ class UpstreamResponse:
         self.content = content
         self._connection = connection
         self._sending = sending
-        self._give_back = give_back
+        self._client = client
+        self._pool = pool  # where the connection goes back to
 
     def release(self) -> None:
         """Done with it: the connection goes back to the pool if the exchange ended cleanly."""
@@ -76,7 +75,7 @@ class UpstreamResponse:
             sending.cancel()
             connection.abort()
         elif connection.is_connected() and self.content.is_eof() and not connection.should_close:
-            self._give_back(connection)
+            self._client.give_back(self._pool, connection)
         else:
             connection.close()  # body unread or broken: the connection's framing is unknown
 
@@ -97,7 +96,6 @@ class UpstreamClient:
         self._max_field = max_field
         self._loop = asyncio.get_running_loop()
         self._idle: dict[Endpoint, Pool] = {}
-        self._back: dict[Endpoint, Callable[[Connection], None]] = {}  # give_back bound to each pool
         self._sweep: asyncio.TimerHandle | None = None
         self._tls: ssl.SSLContext | None = None  # made on first use: most sidecars never need it
 
@@ -110,7 +108,6 @@ class UpstreamClient:
         pool = self._idle.get(endpoint)
         if pool is None:
             pool = self._idle[endpoint] = deque()
-            self._back[endpoint] = partial(self._give_back, pool)
         connection = self._pooled(pool)  # not `or`: a Connection is a queue, falsy when empty
         if connection is None:
             connection = await self._connect(endpoint, connect_timeout)
@@ -141,29 +138,31 @@ class UpstreamClient:
                 sending.cancel()
             connection.abort()  # whatever happened, this connection's state is unknown
             raise
-        return UpstreamResponse(message, payload, connection, sending, self._back[endpoint])
+        return UpstreamResponse(message, payload, connection, sending, self, pool)
 
-    def _give_back(self, pool: Pool, connection: Connection) -> None:
+    def give_back(self, pool: Pool, connection: Connection) -> None:
+        """A connection whose exchange ended cleanly, ready for the next request."""
         pool.append((connection, self._loop.time()))
         if self._sweep is None:
-            self._sweep = self._loop.call_later(self._keepalive, self._close_expired)
+            self._sweep = self._loop.call_later(self._keepalive, self._sweep_idle)
 
-    def _close_expired(self) -> None:
+    def _close_expired_in(self, pool: Pool) -> None:
+        too_old = self._loop.time() - self._keepalive
+        while pool and pool[0][1] <= too_old:  # the oldest are on the left
+            pool.popleft()[0].close()
+
+    def _sweep_idle(self) -> None:
         """Close connections idle past keepalive even when no request comes to notice them."""
         self._sweep = None
-        too_old = self._loop.time() - self._keepalive
         for pool in self._idle.values():
-            while pool and pool[0][1] <= too_old:
-                pool.popleft()[0].close()
+            self._close_expired_in(pool)
         if any(self._idle.values()):
-            self._sweep = self._loop.call_later(self._keepalive, self._close_expired)
+            self._sweep = self._loop.call_later(self._keepalive, self._sweep_idle)
 
     def _pooled(self, pool: Pool) -> Connection | None:
         if not pool:
             return None
-        too_old = self._loop.time() - self._keepalive
-        while pool and pool[0][1] <= too_old:
-            pool.popleft()[0].close()
+        self._close_expired_in(pool)
         while pool:
             connection = pool.pop()[0]  # the most recently used: least likely to be closing
             if connection.is_connected():
