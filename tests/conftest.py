@@ -45,6 +45,22 @@ async def echo(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
     return web.Response(text=f"{request.method} {hit.target}")
 
 
+def answering(status: int, text: str | None = None) -> Behaviour:
+    """A behaviour that answers at once with `status` (and `text`), not reading the body."""
+
+    async def answer(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        return web.Response(status=status, text=text)
+
+    return answer
+
+
+async def drop_connection(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+    """Close the connection without an answer (before response headers)."""
+    assert request.transport is not None
+    request.transport.abort()
+    return web.Response()
+
+
 @dataclass
 class Upstream:
     """A real HTTP server whose answer per path is a script of behaviours (the last one repeats)."""

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import aiohttp
-from aiohttp import web
 
-from tests.conftest import Hit, SidecarFactory, Upstream, route_yaml
+from tests.conftest import SidecarFactory, Upstream, answering, route_yaml
 
-
-async def sick(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(status=503)
+sick = answering(503)
 
 
 async def test_each_request_logs_one_line_with_every_field(

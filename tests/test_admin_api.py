@@ -9,11 +9,9 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, route_yaml, wait_until
+from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, answering, route_yaml, wait_until
 
-
-async def sick(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(status=503, text="sick")
+sick = answering(503, "sick")
 
 
 def config(upstream: Upstream, extra_top: str = "", breaker: str = "{failure_threshold: 2, reset_timeout: 30s}") -> str:

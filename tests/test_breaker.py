@@ -7,15 +7,12 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, route_yaml, wait_until
+from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, answering, route_yaml, wait_until
+
+sick = answering(503, "sick")
 
 
-async def sick(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(status=503, text="sick")
-
-
-async def ok(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(text="ok")
+ok = answering(200, "ok")
 
 
 def breaker_yaml(upstream: Upstream, breaker: str, extra: str = "") -> str:

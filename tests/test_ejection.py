@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from aiohttp import web
 
-from tests.conftest import Hit, SidecarFactory
+from tests.conftest import SidecarFactory, answering
 
-
-async def sick(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(status=500)
+sick = answering(500)
 
 
 def pair(bad_url: str, good_url: str, outlier: str) -> str:

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Gate, Hit, SidecarFactory, Upstream, route_yaml, wait_until
+from tests.conftest import Gate, Hit, SidecarFactory, Upstream, drop_connection, route_yaml, wait_until
 
 
 def error_body(kind: str, message: str, retryable: bool, attempts: int = 1, route: str = "main") -> dict[str, object]:
@@ -63,12 +63,7 @@ async def test_connect_timeout_is_502_connect_failure(
 async def test_reset_before_headers_is_502_upstream_reset(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:
-    async def drop(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        assert request.transport is not None
-        request.transport.abort()
-        return web.Response()
-
-    upstream.on("/drop", drop)
+    upstream.on("/drop", drop_connection)
     proxy = await sidecar_factory(route_yaml(upstream.url))
     async with client.post(proxy.url + "/drop", data=b"once") as response:
         assert response.status == 502
@@ -251,12 +246,7 @@ async def test_dropped_pooled_connection_is_not_silently_resent(
 ) -> None:
     """aiohttp's client would resend a GET once on a dead pooled connection; attempts are ours to count."""
 
-    async def drop(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        assert request.transport is not None
-        request.transport.abort()
-        return web.Response()
-
-    upstream.on("/drop", drop)
+    upstream.on("/drop", drop_connection)
     proxy = await sidecar_factory(route_yaml(upstream.url, "retries: {attempts: 1}"))
     async with client.get(proxy.url + "/warm") as response:  # leaves a pooled connection
         assert response.status == 200

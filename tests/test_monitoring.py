@@ -25,7 +25,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, wait_until
+from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, answering, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_DOC = ROOT / "docs" / "metrics.md"
@@ -274,12 +274,10 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 # --- A sidecar in every state ------------------------------------------------------------------
 
 
-async def ok(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(text="ok")
+ok = answering(200, "ok")
 
 
-async def not_found(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(status=404)
+not_found = answering(404)
 
 
 async def unavailable(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
@@ -287,8 +285,7 @@ async def unavailable(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
     return web.Response(status=503, text="sick")
 
 
-async def broken(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(status=500)
+broken = answering(500)
 
 
 def every_state_yaml(web_url: str, bad_url: str, good_url: str) -> str:

@@ -11,14 +11,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import Hit, SidecarFactory, Upstream, with_test_listeners
+from tests.conftest import SidecarFactory, Upstream, answering, with_test_listeners
 from tests.processes import free_port, get, wait_ready
 
-
-async def sick(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-    return web.Response(status=503)
+sick = answering(503)
 
 
 def two_routes(upstream: Upstream, attempts: int = 1, extra_route: str = "") -> str:
