@@ -10,8 +10,6 @@ from aiohttp import web
 from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, answering, route_yaml, wait_until
 
 sick = answering(503, "sick")
-
-
 ok = answering(200, "ok")
 
 

@@ -275,8 +275,6 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 
 ok = answering(200, "ok")
-
-
 not_found = answering(404)
 
 
