@@ -56,16 +56,16 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    """Headers for the caller: the upstream's end-to-end headers, plus the request id."""
+def add_downstream_response_headers(out: CIMultiDict[str], upstream: CIMultiDictProxy[str], request_id: str) -> None:
+    """Headers for the caller, added to the response's own (empty) headers: the upstream's
+    end-to-end headers, plus the request id."""
     dropped = _dropped(upstream)
-    out = CIMultiDict([
+    out.extend([
         (name, value) for name, value in upstream.items()
         if (lower := name.lower()) not in dropped and not lower.startswith("proxy-")
     ])
     if REQUEST_ID not in out:
         out[REQUEST_ID] = request_id
-    return out
 
 
 def request_id_of(incoming: CIMultiDictProxy[str]) -> str:

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from sidecar.headers import downstream_response_headers
+from sidecar.headers import add_downstream_response_headers
 from sidecar.upstream_client import UpstreamResponse
 
 log = logging.getLogger("sidecar.relay")
@@ -36,11 +36,12 @@ async def relay(
     If either side fails or goes silent for `idle` mid-body, both connections are
     closed: a truncated body must never look complete to the caller.
     """
-    headers = downstream_response_headers(upstream.headers, request_id)
-    headers.update(extra)
     content = upstream.content
     kind = HeldHeadResponse if content.total_bytes else web.StreamResponse
-    response = kind(status=upstream.status, reason=upstream.reason, headers=headers)
+    # Headers go straight into the response's own: passing them in would copy them again.
+    response = kind(status=upstream.status, reason=upstream.reason)
+    add_downstream_response_headers(response.headers, upstream.headers, request_id)
+    response.headers.update(extra)
     if not keep_alive:
         response.force_close()
     try:
