@@ -134,7 +134,7 @@ class Listener:
                 unrouted.force_close()  # a refused request's framing or intent is in doubt
             return unrouted
         metrics = route.state.metrics
-        metrics.in_flight.inc()
+        metrics.started()
         status = 500
         error_kind: str | None = None
         spec = route.spec
@@ -174,7 +174,7 @@ class Listener:
         finally:
             for complete in call.on_complete:
                 complete()
-            metrics.in_flight.dec()
+            metrics.ended()
             duration = self._loop.time() - started
             metrics.answered(request.method, status, duration)
             if self._access_log.enabled:
