@@ -63,6 +63,8 @@ routes:
     admin = f"http://127.0.0.1:{admin_port}"
 
     await asyncio.to_thread(wait_ready, admin, process)
+    # Idle memory: frozenlist's C extension would bring in the C++ runtime (~1 MiB resident).
+    assert "libstdc++" not in Path(f"/proc/{process.pid}/maps").read_text()
     status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/svc/hello?x=1")
     assert (status, body) == (200, b"GET /hello?x=1")
     status, metrics = await asyncio.to_thread(get, admin + "/metrics")
