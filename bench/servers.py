@@ -8,6 +8,7 @@ within READY_TIMEOUT_S of starting.
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import importlib.util
 import re
@@ -248,6 +249,9 @@ def start_sidecar(
     and inherit its CPU affinity). The access log (stdout) goes to a file of its own, so writing it costs
     what writing a container's stdout to disk costs, not a terminal's, and the process log stays readable."""
     port, admin_port = free_ports(2)
+    # Bytecode as `pip install` leaves it: an editable checkout (or PYTHONDONTWRITEBYTECODE=1) would
+    # make the sidecar compile its sources at every start, about 0.6 MiB more idle RSS than deployed.
+    compileall.compile_dir(REPO / "sidecar", quiet=1)
     progress(f"starting {name} on 127.0.0.1:{port} ({workers} worker(s), loop {args.loop}), waiting for /readyz")
     config = procs.logdir / f"{name}.yaml"
     config.write_text(sidecar_config(port, admin_port, upstream_port, args))
