@@ -7,7 +7,9 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, wait_until
+from tests.conftest import (
+    Gate, Hit, RunningSidecar, SidecarFactory, Upstream, answering, drop_connection, wait_until,
+)
 
 
 async def status_of(client: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
@@ -49,6 +51,27 @@ async def test_over_max_concurrent_gets_overloaded_at_once_and_is_not_retried(
     gate.release.set()
     assert await asyncio.gather(*held) == [(200, None), (200, None)]
     assert await status_of(client, proxy.url + "/held") == (200, None)  # slots come back
+
+
+async def test_every_way_a_request_can_fail_gives_its_slot_back(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    upstream.on("/reset", drop_connection)
+    upstream.on("/sick", answering(503))
+    proxy = await sidecar_factory(limited(upstream, "{max_concurrent: 1, max_pending: 0}") + """
+            circuit_breaker: {failure_threshold: 3, reset_timeout: 30s}
+            retries: {attempts: 1}
+    """)
+    # With one slot, a failure that kept its slot would make every later request `overloaded`.
+    assert await status_of(client, proxy.url + "/reset") == (502, "upstream_reset")
+    assert await status_of(client, proxy.url + "/sick") == (503, None)
+    assert await status_of(client, proxy.url + "/reset") == (502, "upstream_reset")  # opens the breaker
+    assert await status_of(client, proxy.url + "/sick") == (503, "circuit_open")
+    assert await status_of(client, proxy.url + "/sick") == (503, "circuit_open")
+    async with client.get(proxy.url + "/sick", headers={"x-sidecar-max-attempts": "x"}) as response:
+        assert response.status == 400  # refused before any layer
+    assert rejections(proxy, "concurrent") == 0
+    assert len(upstream.hits) == 3
 
 
 async def test_pending_queue_waits_for_a_slot_then_times_out(

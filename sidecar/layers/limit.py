@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Awaitable
 from typing import NoReturn
 
 from sidecar.call import Call, Handler, Layer
@@ -77,16 +78,19 @@ class Bulkhead:
 
 def limit_layer(bulkhead: Bulkhead) -> Layer:
     def wrap(inner: Handler) -> Handler:
-        async def limited(call: Call) -> UpstreamResponse:
+        # The slot is held until the body has been relayed: the proxy runs `on_complete`
+        # when the response is complete or failed, whatever happened, so no layer of its
+        # own needs to catch anything here.
+        def limited(call: Call) -> Awaitable[UpstreamResponse]:
             if not bulkhead.try_acquire():
-                await bulkhead.wait()
-            try:
-                response = await inner(call)
-            except BaseException:
-                bulkhead.release()
-                raise
-            call.on_complete.append(bulkhead.release)  # held until the body has been relayed
-            return response
+                return queued(call)
+            call.on_complete.append(bulkhead.release)
+            return inner(call)  # a free slot costs no coroutine of our own
+
+        async def queued(call: Call) -> UpstreamResponse:
+            await bulkhead.wait()
+            call.on_complete.append(bulkhead.release)
+            return await inner(call)
 
         return limited
 
