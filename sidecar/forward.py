@@ -40,7 +40,7 @@ def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool,
         # The per-try budget bounds everything up to response headers; the connect
         # timeout bounds the TCP (and TLS) connect alone. Body silence is the relay's
         # idle watchdog.
-        expiry = Expiry()
+        expiry = Expiry(loop)
         timer = loop.call_at(started + budget, expiry.fire)
         try:
             response = await client.send(endpoint, call.method, call.target, call.headers, call.body, timeouts.connect)
@@ -76,8 +76,9 @@ class Expiry:
 
     __slots__ = ("_cancelling", "_fired", "_task")
 
-    def __init__(self) -> None:
-        task = asyncio.current_task()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # With the loop given, Python 3.11 skips get_running_loop() and its getpid(2) syscall.
+        task = asyncio.current_task(loop)
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
