@@ -7,9 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import (
-    Gate, Hit, RunningSidecar, SidecarFactory, Upstream, answering, drop_connection, wait_until,
-)
+from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, answering, drop_connection, wait_until
 
 
 async def status_of(client: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
