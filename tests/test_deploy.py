@@ -11,6 +11,7 @@ image and the manifests are read from their sources, never restated.
 
 from __future__ import annotations
 
+import asyncio.selector_events
 import copy
 import json
 import os
@@ -337,6 +338,18 @@ def test_dockerfile_final_stage_runs_as_fixed_non_root_uid() -> None:
     assert f"--uid {NON_ROOT_UID}" in created, "the user is not created with its fixed UID"
     # Everything after USER runs unprivileged; nothing may switch back.
     assert only(stage, "USER")[-1].line > max(instruction.line for instruction in only(stage, "COPY"))
+
+
+def test_dockerfile_keeps_asyncio_read_buffers_on_the_heap() -> None:
+    stage = final_stage(dockerfile_instructions(DOCKERFILE.read_text()))
+    env = " ".join(instruction.arguments for instruction in only(stage, "ENV"))
+    match = re.search(r"GLIBC_TUNABLES=(\S+)", env)
+    assert match, "the image runs with glibc's default malloc thresholds"
+    tunables = dict(item.split("=", 1) for item in match.group(1).split(":"))
+    read_buffer = asyncio.selector_events._SelectorSocketTransport.max_size
+    # Above the size of every socket read, or each read is an mmap of fresh pages again.
+    assert int(tunables["glibc.malloc.mmap_threshold"]) > read_buffer
+    assert int(tunables["glibc.malloc.trim_threshold"]) >= int(tunables["glibc.malloc.mmap_threshold"])
 
 
 def test_dockerfile_entrypoint_and_cmd_are_sidecar_run_with_the_image_config() -> None:
