@@ -44,6 +44,7 @@ from servers import (
     access_log_lines,
     code_version,
     free_ports,
+    image_environment,
     log_problems,
     progress,
     start_naive,
@@ -124,7 +125,8 @@ def notes(args: argparse.Namespace, pin: Pinning, skipped: list[str]) -> list[st
 def sidecar_setup(args: argparse.Namespace) -> str:
     access = "on (JSON lines to a file)" if args.access_log == "on" else "off"
     retries = "on (route defaults: attempts 2)" if args.retries == "on" else "off (attempts 1)"
-    return f"sidecar: loop {args.loop}; access log {access}; retries {retries}"
+    malloc = image_environment().get("GLIBC_TUNABLES", "glibc defaults")
+    return f"sidecar: loop {args.loop}; access log {access}; retries {retries}; Python proxies' malloc: {malloc}"
 
 
 def run(args: argparse.Namespace, procs: Processes) -> Report:

@@ -241,6 +241,13 @@ def access_log_lines(procs: Processes, name: str) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
 
 
+def image_environment() -> dict[str, str]:
+    """GLIBC_TUNABLES as the Dockerfile sets it: the Python proxies (sidecar and naive alike) run with the
+    image's malloc settings, so neither is measured with a setting the other lacks."""
+    match = re.search(r"GLIBC_TUNABLES=(\S+)", (REPO / "Dockerfile").read_text())
+    return {"GLIBC_TUNABLES": match.group(1)} if match else {}
+
+
 def start_sidecar(
     name: str, workers: int, procs: Processes, upstream_port: int, args: argparse.Namespace, pin: Pinning
 ) -> Server:
@@ -258,7 +265,8 @@ def start_sidecar(
     argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--loop", args.loop]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    proc = procs.start_server(name, Pinning.prefix(pin.sidecar_cpus) + argv, stdout=access_log_path(procs, name))
+    proc = procs.start_server(name, Pinning.prefix(pin.sidecar_cpus) + argv, stdout=access_log_path(procs, name),
+                              env=image_environment())
     log = procs.log_path(name)
     wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc, name, log)
     # /readyz answers from whichever worker accepts the connection: wait until all of them have bound the port.
@@ -281,7 +289,7 @@ def start_naive(procs: Processes, upstream_port: int, args: argparse.Namespace, 
     progress(f"starting naive proxy on 127.0.0.1:{port} (loop {args.loop})")
     argv = [sys.executable, str(HERE / "naive_proxy.py"), str(port), f"http://127.0.0.1:{upstream_port}",
             "--loop", args.loop]
-    proc = procs.start_server("naive", Pinning.prefix(pin.sidecar_cpus) + argv)
+    proc = procs.start_server("naive", Pinning.prefix(pin.sidecar_cpus) + argv, env=image_environment())
     url = f"http://127.0.0.1:{port}/"
     wait_ready(url, proc, "naive proxy", procs.log_path("naive"))
     check_response(url, "naive proxy", args.body_size)
