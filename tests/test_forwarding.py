@@ -254,6 +254,27 @@ async def test_chunked_upstream_response_stays_valid_chunked(
     assert decoded == b"alphabetagamma"
 
 
+async def test_a_stream_without_a_declared_length_gets_its_head_before_any_body(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    head_seen = asyncio.Event()
+
+    async def events(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        async with asyncio.timeout(5):
+            await head_seen.wait()  # no body until the caller has the head
+        await response.write(b"data: 1\n\n")
+        return response
+
+    upstream.on("/events", events)
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    async with client.get(proxy.url + "/events") as response:
+        assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+        head_seen.set()
+        assert await response.read() == b"data: 1\n\n"
+
+
 async def test_redirects_are_passed_back_not_followed(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:
