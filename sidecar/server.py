@@ -21,7 +21,7 @@ from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.endpoints import EndpointPool
 from sidecar.errors import ReloadError
 from sidecar.events import EventBus
-from sidecar.metrics import NO_ROUTE, Metrics, multiprocess_registry
+from sidecar.metrics import FLUSH_SECONDS, NO_ROUTE, Metrics, multiprocess_dir, multiprocess_registry
 from sidecar.protocol import GuardedServer
 from sidecar.proxy import ActiveRoute, Listener
 from sidecar.stack import RouteState, new_route_state, route_stack
@@ -69,10 +69,11 @@ class Sidecar:
         self.metrics_bound: tuple[str, int] | None = None
         # Called after a reload through the admin API (set by a worker to reach its siblings).
         self.on_reloaded: Callable[[], None] | None = None
+        self._metrics_flush: asyncio.TimerHandle | None = None  # with several workers
 
     @property
     def scrape_registry(self) -> CollectorRegistry:
-        return multiprocess_registry() or self.registry
+        return multiprocess_registry(self.metrics) or self.registry
 
     @property
     def bound(self) -> dict[Address, tuple[str, int]]:
@@ -97,6 +98,13 @@ class Sidecar:
             raise
         self._loaded("sidecar started")
         self.readiness.ready = True
+        if multiprocess_dir() is not None:
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        """Several workers: fold this worker's metric tallies into its shared files, and again later."""
+        self.metrics.flush()
+        self._metrics_flush = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_metrics)
 
     def _build(self, config: Config) -> tuple[dict[str, EndpointPool], dict[str, ActiveRoute]]:
         """Routes and endpoint pools for `config`, keeping those whose config did not change
@@ -235,6 +243,10 @@ class Sidecar:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._metrics_flush is not None:
+            self._metrics_flush.cancel()
+            self._metrics_flush = None
+            self.metrics.flush()  # every request answered is in the files before the worker exits
         self.access_log.flush()
 
 

@@ -16,6 +16,18 @@ import pytest
 from tests.conftest import Upstream, wait_until
 from tests.processes import get, one_route_config, wait_ready
 
+REQUESTS_200 = 'sidecar_requests_total{code="200",method="GET",route="main"}'
+
+
+async def scraped_until(admin: str, series: str, value: float, limit: float = 5.0) -> str:
+    """Scrape until `series` shows `value` (bounded in time); the last scrape's text."""
+    async with asyncio.timeout(limit):
+        while True:
+            text = (await asyncio.to_thread(get, admin + "/metrics"))[1].decode()
+            if scrape_value(text, series) == value:
+                return text
+            await asyncio.sleep(0.1)
+
 
 def scrape_value(text: str, series: str) -> float:
     """Sum of the samples of one series name and label set prefix (several `pid` series add up)."""
@@ -52,9 +64,11 @@ async def test_two_workers_share_the_port_add_up_metrics_restart_and_take_signal
         for _ in range(100):  # a new connection each time, so the kernel spreads them over the workers
             assert (await asyncio.to_thread(get, base + "/x"))[0] == 200
         assert len(upstream.hits) == 100
+        # Each worker folds its tallies into the shared files every FLUSH_SECONDS.
+        await scraped_until(admin, REQUESTS_200, 100)
         for _ in range(5):  # whichever worker answers the scrape, the sum is the same
             metrics = (await asyncio.to_thread(get, admin + "/metrics"))[1].decode()
-            assert scrape_value(metrics, 'sidecar_requests_total{code="200",method="GET",route="main"}') == 100
+            assert scrape_value(metrics, REQUESTS_200) == 100
             assert len(set(re.findall(r'sidecar_circuit_breaker_state\{pid="(\d+)"', metrics))) == 2
 
         process.send_signal(signal.SIGHUP)  # forwarded: every worker reloads
@@ -66,9 +80,8 @@ async def test_two_workers_share_the_port_add_up_metrics_restart_and_take_signal
         await wait_until(lambda: stderr_path.read_text().count('"sidecar started"') == 3, limit=15)
         for _ in range(20):
             assert (await asyncio.to_thread(get, base + "/y"))[0] == 200
-        metrics = (await asyncio.to_thread(get, admin + "/metrics"))[1].decode()
         # The dead worker's requests still count; its live gauges are gone.
-        assert scrape_value(metrics, 'sidecar_requests_total{code="200",method="GET",route="main"}') == 120
+        metrics = await scraped_until(admin, REQUESTS_200, 120)
         assert f'pid="{first}"' not in metrics.split("sidecar_circuit_breaker_state", 1)[1].split("# HELP", 1)[0]
         assert scrape_value(metrics, "sidecar_in_flight_requests{") == 0
 
