@@ -13,6 +13,7 @@ from sidecar.config import Endpoint, RouteSpec
 from sidecar.endpoints import EndpointPool
 from sidecar.errors import BadUpstreamResponse, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
 from sidecar.metrics import RouteMetrics
+from sidecar.per_try_timeouts import PerTryTimeouts
 from sidecar.upstream_client import UpstreamClient, UpstreamResponse
 
 # The outcome label of an attempt that ended in an error, by error kind.
@@ -28,6 +29,7 @@ def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool,
     timeouts = route.timeouts
     per_try = timeouts.per_try or timeouts.total
     loop = asyncio.get_running_loop()
+    expiries = PerTryTimeouts(loop)
 
     async def forward(call: Call) -> UpstreamResponse:
         started = loop.time()
@@ -40,8 +42,7 @@ def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool,
         # The per-try budget bounds everything up to response headers; the connect
         # timeout bounds the TCP (and TLS) connect alone. Body silence is the relay's
         # idle watchdog.
-        expiry = Expiry(loop)
-        timer = loop.call_at(started + budget, expiry.fire)
+        expiry = expiries.start(started + budget)
         try:
             response = await client.send(endpoint, call.method, call.target, call.headers, call.body, timeouts.connect)
         except asyncio.CancelledError:
@@ -54,7 +55,7 @@ def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool,
             settle(call, endpoint, OUTCOMES[error.kind], True, started)
             raise
         finally:
-            timer.cancel()
+            expiries.stop(expiry)
         failed = response.status >= 500
         settle(call, endpoint, "failure_status" if failed else "success", failed, started)
         return response
@@ -67,26 +68,3 @@ def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool,
         metrics.attempt(outcome, seconds)
 
     return forward
-
-
-class Expiry:
-    """A per-try timer, lighter than asyncio.timeout (which costs a few us per request here)
-    with the same rule: the timer's cancellation becomes a timeout only if nobody else
-    (the caller leaving, shutdown) cancelled the task too."""
-
-    __slots__ = ("_cancelling", "_fired", "_task")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        # With the loop given, Python 3.11 skips get_running_loop() and its getpid(2) syscall.
-        task = asyncio.current_task(loop)
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._fired = False
-
-    def fire(self) -> None:
-        self._fired = True
-        self._task.cancel()
-
-    def owns_cancellation(self) -> bool:
-        return self._fired and self._task.uncancel() <= self._cancelling

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Gate, Hit, SidecarFactory, Upstream, drop_connection, route_yaml, wait_until
+from tests.conftest import Gate, Hit, SidecarFactory, Upstream, answering, drop_connection, route_yaml, wait_until
 
 
 def error_body(kind: str, message: str, retryable: bool, attempts: int = 1, route: str = "main") -> dict[str, object]:
@@ -129,6 +129,62 @@ async def test_total_timeout_below_per_try_bounds_the_attempt(
         body = await response.json()
     assert body["error"] == "timeout"
     assert "within 0.15s" in body["message"]
+
+
+async def test_a_caller_deadline_shorter_than_a_pending_attempt_times_out_first(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """Attempts share one timer while they expire in the order they started; one that would
+    expire earlier than an attempt already waiting must not wait for that one's expiry."""
+    gate = Gate()
+    upstream.on("/held", gate)
+    proxy = await sidecar_factory(route_yaml(upstream.url, """
+        timeouts: {per_try: 10s, total: 10s}
+        retries: {attempts: 1}
+    """))
+
+    async def held(headers: dict[str, str]) -> tuple[int, str | None]:
+        async with client.get(proxy.url + "/held", headers=headers) as response:
+            await response.read()
+            return response.status, response.headers.get("x-sidecar-error")
+
+    patient = [asyncio.create_task(held({})) for _ in range(3)]  # expiries 10 s away, in order
+    await gate.until_waiting(3)
+    hurried = asyncio.create_task(held({"x-sidecar-timeout-ms": "100"}))
+    async with asyncio.timeout(5):  # far below the patient ones' 10 s
+        assert await hurried == (504, "timeout")
+    assert not any(task.done() for task in patient)
+    gate.release.set()
+    assert await asyncio.gather(*patient) == [(200, None)] * 3
+    assert proxy.metric("sidecar_upstream_attempts_total", route="main", outcome="timeout") == 1
+
+
+async def test_attempts_that_expire_in_order_each_time_out_on_time(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    upstream.on("/slow", slow_headers)
+    upstream.on("/fast", answering(200, "fast"))
+    proxy = await sidecar_factory(route_yaml(upstream.url, """
+        timeouts: {per_try: 150ms, total: 10s}
+        retries: {attempts: 1}
+    """))
+
+    async def status(path: str) -> tuple[int, str | None]:
+        async with client.get(proxy.url + path) as response:
+            await response.read()
+            return response.status, response.headers.get("x-sidecar-error")
+
+    # Slow attempts started 50 ms apart, a fast one between them that ends and leaves the shared
+    # timer's queue: when the first expires the others are still pending, and every slow one must
+    # still time out (its upstream would answer 200 after 2 s).
+    started = [asyncio.create_task(status("/slow"))]
+    await asyncio.sleep(0.05)
+    started += [asyncio.create_task(status("/fast")), asyncio.create_task(status("/slow"))]
+    await asyncio.sleep(0.05)
+    started.append(asyncio.create_task(status("/slow")))
+    results = await asyncio.gather(*started)
+    assert results == [(504, "timeout"), (200, None), (504, "timeout"), (504, "timeout")]
+    assert proxy.metric("sidecar_upstream_attempts_total", route="main", outcome="timeout") == 3
 
 
 async def test_per_try_defaults_to_total(
