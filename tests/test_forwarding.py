@@ -254,27 +254,6 @@ async def test_chunked_upstream_response_stays_valid_chunked(
     assert decoded == b"alphabetagamma"
 
 
-async def test_a_stream_without_a_declared_length_gets_its_head_before_any_body(
-    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
-) -> None:
-    head_seen = asyncio.Event()
-
-    async def events(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        async with asyncio.timeout(5):
-            await head_seen.wait()  # no body until the caller has the head
-        await response.write(b"data: 1\n\n")
-        return response
-
-    upstream.on("/events", events)
-    proxy = await sidecar_factory(route_yaml(upstream.url))
-    async with client.get(proxy.url + "/events") as response:
-        assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
-        head_seen.set()
-        assert await response.read() == b"data: 1\n\n"
-
-
 async def test_redirects_are_passed_back_not_followed(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:
@@ -318,17 +297,19 @@ async def test_upstream_connections_are_pooled_with_keep_alive(
     assert len({hit.peer for hit in upstream.hits}) == 1
 
 
-async def test_server_sent_events_reach_the_caller_one_by_one(
+async def test_server_sent_events_reach_the_caller_head_first_then_one_by_one(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:
-    received_first = asyncio.Event()
+    received_head, received_first = asyncio.Event(), asyncio.Event()
 
     async def events(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        # Each step waits until the caller has the one before: a proxy that held the head
+        # back for a body, or buffered an event, would make this time out.
+        async with asyncio.timeout(5):
+            await received_head.wait()
         await response.write(b"data: one\n\n")
-        # The second event is written only once the caller has the first: a buffering
-        # proxy would hold the first back and this would time out.
         async with asyncio.timeout(5):
             await received_first.wait()
         await response.write(b"data: two\n\n")
@@ -338,6 +319,7 @@ async def test_server_sent_events_reach_the_caller_one_by_one(
     proxy = await sidecar_factory(route_yaml(upstream.url))
     async with client.get(proxy.url + "/events") as response:
         assert response.headers["Content-Type"] == "text/event-stream"
+        received_head.set()
         assert await response.content.readuntil(b"\n\n") == b"data: one\n\n"
         received_first.set()
         assert await response.content.readuntil(b"\n\n") == b"data: two\n\n"

@@ -7,11 +7,10 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
 from sidecar.metrics import DURATION_BUCKETS, Metrics
-from tests.conftest import Hit, SidecarFactory, Upstream, route_yaml, with_test_listeners
+from tests.conftest import Gate, SidecarFactory, Upstream, route_yaml, with_test_listeners
 
 # Bucket bounds themselves (an observation equal to a bound belongs to that bucket),
 # values between them, zero, and values past the last bound (+Inf only).
@@ -56,16 +55,8 @@ def test_made_up_methods_share_one_label() -> None:
 async def test_a_request_that_straddles_a_reload_of_its_route_is_counted_once_and_leaves_no_one_in_flight(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    release = asyncio.Event()
-    arrived = asyncio.Event()
-
-    async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        arrived.set()
-        async with asyncio.timeout(5):
-            await release.wait()
-        return web.Response(text="done")
-
-    upstream.on("/held", held)
+    gate = Gate()
+    upstream.on("/held", gate)
     path = tmp_path / "sidecar.yaml"
     proxy = await sidecar_factory(route_yaml(upstream.url), config_file=path)
 
@@ -75,13 +66,12 @@ async def test_a_request_that_straddles_a_reload_of_its_route_is_counted_once_an
             return response.status
 
     pending = asyncio.create_task(call())
-    async with asyncio.timeout(5):
-        await arrived.wait()
+    await gate.until_waiting(1)
     path.write_text(with_test_listeners(route_yaml(upstream.url, "timeouts: {total: 9s}")))  # the route changes
     async with client.post(proxy.admin + "/api/v1/reload") as response:
         assert response.status == 200
     assert proxy.metric("sidecar_in_flight_requests", route="main") == 1
-    release.set()
+    gate.release.set()
     assert await pending == 200
     assert proxy.metric("sidecar_in_flight_requests", route="main") == 0
     assert proxy.metric("sidecar_requests_total", route="main", method="GET", code="200") == 1
