@@ -134,8 +134,9 @@ class HistogramTally:
     """Observations counted in plain Python, added to a prometheus-client histogram child on flush.
 
     prometheus-client stores a histogram as one value per bucket (not cumulative) plus a
-    sum, and has no public call to add many observations at once; `_buckets` and `_sum`
-    are its own attributes (checked by the metric tests, version pinned in pyproject.toml).
+    sum, and has no public call to add many observations at once; `_upper_bounds`,
+    `_buckets` and `_sum` are its own attributes (checked against Histogram.observe by
+    tests/test_metric_tallies.py; the version is pinned in pyproject.toml).
     """
 
     __slots__ = ("_bounds", "_child", "counts", "sum")
