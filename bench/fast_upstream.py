@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import Callable
 
 from aiohttp import web
-
-# The bench kills us; this cap only matters if it could not (e.g. it was SIGKILLed), so we never linger.
-MAX_LIFETIME_S = 3600.0
+from serving import serve_until_signalled
 
 
 async def serve(port: int, body_size: int) -> None:
@@ -26,18 +23,7 @@ async def serve(port: int, body_size: int) -> None:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     # No access log: formatting a log line per request would cost more than the handler itself.
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    try:
-        await asyncio.wait_for(stop.wait(), MAX_LIFETIME_S)
-    except TimeoutError:
-        pass
-    finally:
-        await runner.cleanup()
+    await serve_until_signalled(web.AppRunner(app, access_log=None), port)
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

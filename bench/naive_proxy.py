@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
+from serving import serve_until_signalled
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host"})
-MAX_LIFETIME_S = 3600.0  # only matters if the bench was SIGKILLed and could not kill us
 
 
 def forwardable(headers: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -50,19 +49,9 @@ async def serve(port: int, upstream: str) -> None:
                 return response  # the client left (wrk does, mid-request, when its run ends): nothing to say
             raise  # the upstream cut the body short after we sent headers: aiohttp drops the connection
 
-    server = web.Server(handle, access_log=None)
-    runner = web.ServerRunner(server)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     try:
-        await asyncio.wait_for(stop.wait(), MAX_LIFETIME_S)
-    except TimeoutError:
-        pass
+        await serve_until_signalled(web.ServerRunner(web.Server(handle, access_log=None)), port)
     finally:
-        await runner.cleanup()
         await session.close()
 
 
