@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
@@ -16,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from sidecar import __version__
 
+K = TypeVar("K", bound=Hashable)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 NO_ROUTE = "_no_route"  # route label of requests that matched no route (names cannot start with "_")
 BREAKER_STATES = ("closed", "open", "half_open")
@@ -212,18 +214,10 @@ class RouteMetrics:
         self._attempt_duration.observe(seconds)
 
     def flush(self) -> None:
-        for key, count in self._answered.items():
-            child = self._request_children.get(key)
-            if child is None:
-                child = self._request_children[key] = self._metrics.requests.labels(self._name, key[0], str(key[1]))
-            child.inc(count)
-        self._answered.clear()
-        for outcome, count in self._attempts.items():
-            counter = self._attempt_children.get(outcome)
-            if counter is None:
-                counter = self._attempt_children[outcome] = self._metrics.attempts.labels(self._name, outcome)
-            counter.inc(count)
-        self._attempts.clear()
+        _fold(self._answered, self._request_children,
+              lambda key: self._metrics.requests.labels(self._name, key[0], str(key[1])))
+        _fold(self._attempts, self._attempt_children,
+              lambda outcome: self._metrics.attempts.labels(self._name, outcome))
         self._duration.flush()
         self._attempt_duration.flush()
         self._in_flight_gauge.set(self.in_flight)
@@ -251,6 +245,16 @@ class RouteMetrics:
 
     def limit_rejected(self, limit: str) -> None:
         self._metrics.limit_rejections.labels(self._name, limit).inc()
+
+
+def _fold(tallies: dict[K, int], children: dict[K, Counter], child_of: Callable[[K], Counter]) -> None:
+    """Add each tally to its counter child (looked up once per label set), and start the tallies again."""
+    for key, count in tallies.items():
+        child = children.get(key)
+        if child is None:
+            child = children[key] = child_of(key)
+        child.inc(count)
+    tallies.clear()
 
 
 def multiprocess_dir() -> str | None:
