@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 
+from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 7.6.1: meaningful only for one connection, so never forwarded.
@@ -13,6 +14,17 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 REQUEST_ID = "X-Request-Id"
+# End-to-end names most messages carry, spelled as aiohttp's parsers hand them over (they
+# give names they know one canonical spelling, "Etag" for "ETag"). When a message's
+# Connection header names no more headers (nearly always), these are kept without
+# lower-casing them: the filters below run for every header of every request and response.
+# None of them is hop-by-hop, Host, X-Forwarded-For, proxy-* or x-sidecar-*.
+USUAL_END_TO_END = frozenset({
+    hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.ACCEPT_LANGUAGE, hdrs.AUTHORIZATION, hdrs.CACHE_CONTROL,
+    hdrs.CONTENT_ENCODING, hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.COOKIE, hdrs.DATE, hdrs.ETAG,
+    hdrs.EXPIRES, hdrs.LAST_MODIFIED, hdrs.LOCATION, hdrs.SERVER, hdrs.SET_COOKIE, hdrs.TRACEPARENT,
+    hdrs.USER_AGENT, hdrs.VARY, hdrs.X_REQUEST_ID, "tracestate",
+})
 _ids = random.Random()  # seeded from os.urandom, and again in a forked child so siblings differ
 os.register_at_fork(after_in_child=_ids.seed)
 _random_bits = _ids.getrandbits
@@ -27,6 +39,11 @@ def _dropped(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     return HOP_BY_HOP.union(named)
 
 
+def _usual(dropped: frozenset[str]) -> frozenset[str]:
+    """The names that may skip lower-casing, given what a message's Connection header drops."""
+    return USUAL_END_TO_END if dropped is HOP_BY_HOP else frozenset()
+
+
 def upstream_request_headers(
     incoming: CIMultiDictProxy[str], remote: str | None, scheme: str, request_id: str
 ) -> CIMultiDict[str]:
@@ -37,12 +54,14 @@ def upstream_request_headers(
     X-Forwarded-Proto/Host from a caller are kept (it may sit behind another proxy).
     """
     dropped = _dropped(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lower = name.lower()
-        if lower in dropped or lower in ("host", "x-forwarded-for") or lower.startswith(("proxy-", "x-sidecar-")):
-            continue
-        out.add(name, value)
+    usual = _usual(dropped)
+    out: CIMultiDict[str] = CIMultiDict([
+        (name, value) for name, value in incoming.items()
+        if name in usual or not (
+            (lower := name.lower()) in dropped or lower in ("host", "x-forwarded-for")
+            or lower.startswith(("proxy-", "x-sidecar-"))
+        )
+    ])
     chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
     if remote:
         chain = f"{chain}, {remote}" if chain else remote
@@ -56,14 +75,25 @@ def upstream_request_headers(
     return out
 
 
+def downstream_fields(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The upstream's end-to-end response headers, the ones a caller gets."""
+    dropped = _dropped(upstream)
+    usual = _usual(dropped)
+    return [
+        (name, value) for name, value in upstream.items()
+        if name in usual or ((lower := name.lower()) not in dropped and not lower.startswith("proxy-"))
+    ]
+
+
+def connection_names_more(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the Connection header names headers beyond the hop-by-hop ones (rare)."""
+    return _dropped(headers) is not HOP_BY_HOP
+
+
 def add_downstream_response_headers(out: CIMultiDict[str], upstream: CIMultiDictProxy[str], request_id: str) -> None:
     """Headers for the caller, added to the response's own (empty) headers: the upstream's
     end-to-end headers, plus the request id."""
-    dropped = _dropped(upstream)
-    out.extend([
-        (name, value) for name, value in upstream.items()
-        if (lower := name.lower()) not in dropped and not lower.startswith("proxy-")
-    ])
+    out.extend(downstream_fields(upstream))
     if REQUEST_ID not in out:
         out[REQUEST_ID] = request_id
 

@@ -188,6 +188,26 @@ async def test_hop_by_hop_headers_are_removed_in_both_directions(
     assert "x-end: kept" in head
 
 
+async def test_a_usual_header_named_by_connection_is_still_removed(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    # Common names skip lower-casing on the hot path (headers.USUAL_END_TO_END); a Connection
+    # header naming one must still drop it, both ways.
+    async def names_etag(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        return web.Response(text="ok", headers={"Connection": "ETag", "ETag": '"v1"', "Vary": "Accept"})
+
+    upstream.on("/usual", names_etag)
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    request = b"GET /usual HTTP/1.1\r\nHost: x\r\nConnection: close, Cookie\r\nCookie: a=1\r\nAccept: */*\r\n\r\n"
+    answer = (await raw_exchange(proxy.port, request)).decode("latin-1")
+    seen = upstream.hits[0].headers
+    assert "Cookie" not in seen
+    assert seen["Accept"] == "*/*"
+    head = answer.split("\r\n\r\n")[0].lower()
+    assert "etag:" not in head
+    assert "vary: accept" in head
+
+
 async def test_request_id_is_created_when_absent_and_kept_when_present(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:
