@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
 
 from sidecar.headers import add_downstream_response_headers
 from sidecar.upstream_client import UpstreamResponse
+from sidecar.whole_response import send_whole
 
 log = logging.getLogger("sidecar.relay")
 
@@ -27,6 +29,13 @@ def has_no_body(method: str, status: int) -> bool:
     return method == "HEAD" or status in (204, 304) or status < 200
 
 
+async def _caught_up(request: web.BaseRequest) -> None:
+    """Wait while the caller reads slower than we answer, as aiohttp's own writes do."""
+    if request.protocol.writing_paused:
+        with contextlib.suppress(ConnectionError):  # the caller left: aiohttp closes its connection
+            await request.writer.drain()
+
+
 async def relay(
     request: web.BaseRequest, upstream: UpstreamResponse, request_id: str, idle: float, extra: dict[str, str],
     keep_alive: bool = True,
@@ -37,6 +46,11 @@ async def relay(
     closed: a truncated body must never look complete to the caller.
     """
     content = upstream.content
+    if content.total_bytes and not has_no_body(request.method, upstream.status):
+        sent = send_whole(request, upstream, request_id, extra, keep_alive)
+        if sent is not None:
+            await _caught_up(request)
+            return sent
     kind = HeldHeadResponse if content.total_bytes else web.StreamResponse
     # Headers go straight into the response's own: passing them in would copy them again.
     response = kind(status=upstream.status, reason=upstream.reason)

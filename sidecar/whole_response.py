@@ -1,0 +1,82 @@
+"""A small response that arrived whole goes to the caller in one write, its head built here.
+
+Why not aiohttp's StreamResponse for it: preparing one (defaults, checks, serialising,
+handing through its writer) costs about 6 us of a request's ~60, to produce bytes this
+module builds in about 2. It takes only the case whose framing is plain: an HTTP/1.1
+caller, a response with a body that the upstream framed with Content-Length and that is
+all here, and no extra header names in the upstream's Connection header. Everything else
+(streams, chunked, HEAD, 204/304, HTTP/1.0) goes through aiohttp's response in relay.py.
+
+The head is the one aiohttp would have sent, in its order: the upstream's end-to-end
+headers, X-Request-Id and our x-sidecar-* headers, then aiohttp's defaults where the
+upstream sent none (Content-Type, Date, Server), then Connection: close when this answer
+ends the connection.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+
+from sidecar.headers import REQUEST_ID, connection_names_more, downstream_fields
+from sidecar.upstream_client import UpstreamResponse
+
+
+class SentResponse(web.StreamResponse):
+    """What aiohttp's server gets back for an answer already written: nothing is left to
+    prepare or send, only whether the connection stays open."""
+
+    def __init__(self, status: int, keep_alive: bool) -> None:
+        super().__init__(status=status)
+        self._stays_open = keep_alive
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._stays_open
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def send_whole(
+    request: web.BaseRequest, upstream: UpstreamResponse, request_id: str, extra: dict[str, str], keep_alive: bool
+) -> SentResponse | None:
+    """Write the response head and body in one go; None when the response is not this
+    simple case (nothing has been written then, and the body is still in `upstream`)."""
+    transport = request.transport
+    content = upstream.content
+    headers = upstream.headers
+    if (
+        transport is None or transport.is_closing() or request.version != HttpVersion11
+        or headers.get("Content-Length") != str(content.total_bytes) or not content.is_eof()
+        or connection_names_more(headers)
+    ):
+        return None
+    keep_alive = keep_alive and request.keep_alive
+    lines = [f"HTTP/1.1 {upstream.status} {upstream.reason}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in downstream_fields(headers))
+    if REQUEST_ID not in headers:
+        lines.append(f"{REQUEST_ID}: {request_id}\r\n")
+    lines.extend(f"{name}: {value}\r\n" for name, value in extra.items())
+    if "Content-Type" not in headers and content.total_bytes:
+        lines.append("Content-Type: application/octet-stream\r\n")
+    if "Date" not in headers:
+        lines.append(f"Date: {rfc822_formatted_time()}\r\n")
+    if "Server" not in headers:
+        lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    head = "".join(lines)
+    # The upstream's parser refuses line breaks in its fields; this keeps the promise for the
+    # values we add (the request id is the caller's), so no answer can be split in two.
+    if head.count("\n") != len(lines) or head.count("\r") != len(lines):
+        return None
+    # surrogateescape: bytes the client parser decoded leniently go out exactly as they came.
+    transport.write(head.encode("utf-8", "surrogateescape") + content.read_nowait())
+    upstream.release()
+    return SentResponse(upstream.status, keep_alive)
