@@ -61,15 +61,16 @@ class Processes:
         return self.logdir / f"{name}.log"
 
     def start_server(self, name: str, argv: Sequence[str], stdout: Path | None = None,
-                     env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+                     env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
         """stderr (and stdout, unless `stdout` names another file) goes to `<name>.log`. Files, not pipes: a
-        pipe nobody drains fills up and blocks the server mid-run. `env` is added to ours."""
+        pipe nobody drains fills up and blocks the server mid-run. `env` is added to ours; `cwd` defaults to
+        the bench's."""
         with contextlib.ExitStack() as files:
             log = files.enter_context(open(self.log_path(name), "wb"))
             out = files.enter_context(open(stdout, "wb")) if stdout else log
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=log,
                                     env={**os.environ, **(env or {})},
-                                    cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent)
+                                    cwd=cwd or self.cwd, start_new_session=True, preexec_fn=_die_with_parent)
         self._children.append(proc)
         return proc
 

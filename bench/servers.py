@@ -249,24 +249,27 @@ def image_environment() -> dict[str, str]:
 
 
 def start_sidecar(
-    name: str, workers: int, procs: Processes, upstream_port: int, args: argparse.Namespace, pin: Pinning
+    name: str, workers: int, procs: Processes, upstream_port: int, args: argparse.Namespace, pin: Pinning,
+    checkout: Path = REPO,
 ) -> Server:
     """Start the sidecar and wait for /readyz (and, with workers, until every worker listens). taskset execs,
     so the child's pid is the sidecar's own (with workers, the supervisor's; the workers are its children
     and inherit its CPU affinity). The access log (stdout) goes to a file of its own, so writing it costs
-    what writing a container's stdout to disk costs, not a terminal's, and the process log stays readable."""
+    what writing a container's stdout to disk costs, not a terminal's, and the process log stays readable.
+    `checkout`: the source tree to run (pair.py runs another commit's beside this one)."""
     port, admin_port = free_ports(2)
     # Bytecode as `pip install` leaves it: an editable checkout (or PYTHONDONTWRITEBYTECODE=1) would
     # make the sidecar compile its sources at every start, about 0.6 MiB more idle RSS than deployed.
-    compileall.compile_dir(REPO / "sidecar", quiet=1)
+    compileall.compile_dir(checkout / "sidecar", quiet=1)
     progress(f"starting {name} on 127.0.0.1:{port} ({workers} worker(s), loop {args.loop}), waiting for /readyz")
     config = procs.logdir / f"{name}.yaml"
     config.write_text(sidecar_config(port, admin_port, upstream_port, args))
     argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config), "--loop", args.loop]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    # `-m` puts the working directory first on sys.path: the sidecar package imported is the checkout's.
     proc = procs.start_server(name, Pinning.prefix(pin.sidecar_cpus) + argv, stdout=access_log_path(procs, name),
-                              env=image_environment())
+                              env=image_environment(), cwd=checkout)
     log = procs.log_path(name)
     wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc, name, log)
     # /readyz answers from whichever worker accepts the connection: wait until all of them have bound the port.
