@@ -9,15 +9,12 @@
   within `server.header_timeout`, or it is closed (slowloris).
 - `server.listen_max_connections` caps open client connections per listener; a
   connection over the cap gets 503 and is closed at once.
-- Each request is handled in its connection's own task (`handle_requests_inline`),
-  not in a new task per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from aiohttp import web
@@ -77,13 +74,6 @@ class GuardedHandler(RequestHandler):
         elif self._header_timer is None and not self._request_in_progress and not self._messages:
             self._start_header_timer()  # the first bytes of the next request on a kept-alive connection
 
-    async def _handle_request(
-        self, request: web.BaseRequest, start_time: float | None,
-        request_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
-    ) -> tuple[web.StreamResponse, bool]:
-        # Unchanged, but under our own code object: handle_requests_inline recognises it by that.
-        return await super()._handle_request(request, start_time, request_handler)
-
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
@@ -120,49 +110,3 @@ class GuardedServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return GuardedHandler(self, loop=self._loop, **self._kwargs)
-
-
-_OUR_REQUESTS = GuardedHandler._handle_request.__code__
-
-
-class _Inline:
-    """What create_task returns for one of our requests: awaiting it runs the request in the
-    awaiting task (the connection's), as `await coroutine` would."""
-
-    __slots__ = ("_coroutine",)
-
-    def __init__(self, coroutine: Coroutine[Any, Any, Any]) -> None:
-        self._coroutine = coroutine
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._coroutine.__await__()
-
-
-def handle_requests_inline(loop: asyncio.AbstractEventLoop) -> None:
-    """Let our listeners handle each request in the connection's task instead of a new one.
-
-    aiohttp's connection loop (`RequestHandler.start`) wraps every request in a task of its
-    own, only so that each request gets a copy of the contextvars (aiohttp #3406). The
-    sidecar keeps no per-request contextvars, and on Python 3.11 that task means creating
-    it and two more event-loop callbacks per request (cProfile under hey: 6.05 -> 4.05
-    callbacks, 345 -> 329 calls per request; one wrk A/B on a quiet VM gave 60-62 us
-    against 66-75, later ones were lost in the VM's noise). aiohttp makes that task with
-    `loop.create_task` and only awaits it; this loop's task factory hands it, for our
-    requests only, an awaitable that runs the request inline. Cancellation is unchanged:
-    aiohttp cancels the connection's task, which is now the one running the request.
-    Every other task on the loop is made as before. On Python 3.12+ aiohttp starts that
-    task eagerly without the factory, and this changes nothing.
-    """
-    previous = loop.get_task_factory()
-    if getattr(previous, "inlines_sidecar_requests", False):
-        return  # another sidecar on this loop installed it already
-
-    def task_factory(loop: asyncio.AbstractEventLoop, coroutine: Any, **kwargs: Any) -> Any:
-        if getattr(coroutine, "cr_code", None) is _OUR_REQUESTS:
-            return _Inline(coroutine)
-        if previous is not None:
-            return previous(loop, coroutine, **kwargs)
-        return asyncio.Task(coroutine, loop=loop, **kwargs)
-
-    task_factory.inlines_sidecar_requests = True  # type: ignore[attr-defined]
-    loop.set_task_factory(task_factory)

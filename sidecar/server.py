@@ -22,7 +22,7 @@ from sidecar.endpoints import EndpointPool
 from sidecar.errors import ReloadError
 from sidecar.events import EventBus
 from sidecar.metrics import FLUSH_SECONDS, NO_ROUTE, Metrics, multiprocess_dir, multiprocess_registry
-from sidecar.protocol import GuardedServer, handle_requests_inline
+from sidecar.protocol import GuardedServer
 from sidecar.proxy import ActiveRoute, Listener
 from sidecar.stack import RouteState, new_route_state, route_stack
 from sidecar.upstream_client import UpstreamClient
@@ -85,7 +85,6 @@ class Sidecar:
         return {name: route.state for name, route in self._routes.items()}
 
     async def start(self) -> None:
-        handle_requests_inline(asyncio.get_running_loop())
         self._client = UpstreamClient(UPSTREAM_KEEPALIVE, MAX_LINE, MAX_FIELD)
         self._pools, self._routes = self._build(self.config)
         try:
