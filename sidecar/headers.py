@@ -30,8 +30,9 @@ os.register_at_fork(after_in_child=_ids.seed)
 _random_bits = _ids.getrandbits
 
 
-def _dropped(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Lower-case names not to forward: hop-by-hop ones and those the Connection header names."""
+def dropped_names(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Lower-case names not to forward: hop-by-hop ones and those the Connection header names.
+    HOP_BY_HOP itself (the same object) when the Connection header names nothing more."""
     values = headers.getall("Connection", ())
     if not values or values == ["keep-alive"] or values == ["close"]:
         return HOP_BY_HOP  # the usual case, without building a set per message
@@ -53,7 +54,7 @@ def upstream_request_headers(
     headers are instructions to us, never forwarded.
     X-Forwarded-Proto/Host from a caller are kept (it may sit behind another proxy).
     """
-    dropped = _dropped(incoming)
+    dropped = dropped_names(incoming)
     usual = _usual(dropped)
     out: CIMultiDict[str] = CIMultiDict([
         (name, value) for name, value in incoming.items()
@@ -75,9 +76,8 @@ def upstream_request_headers(
     return out
 
 
-def downstream_fields(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    """The upstream's end-to-end response headers, the ones a caller gets."""
-    dropped = _dropped(upstream)
+def downstream_fields(upstream: CIMultiDictProxy[str], dropped: frozenset[str]) -> list[tuple[str, str]]:
+    """The upstream's end-to-end response headers, the ones a caller gets (`dropped`: its dropped_names)."""
     usual = _usual(dropped)
     return [
         (name, value) for name, value in upstream.items()
@@ -85,15 +85,10 @@ def downstream_fields(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     ]
 
 
-def connection_names_more(headers: CIMultiDictProxy[str]) -> bool:
-    """Whether the Connection header names headers beyond the hop-by-hop ones (rare)."""
-    return _dropped(headers) is not HOP_BY_HOP
-
-
 def add_downstream_response_headers(out: CIMultiDict[str], upstream: CIMultiDictProxy[str], request_id: str) -> None:
     """Headers for the caller, added to the response's own (empty) headers: the upstream's
     end-to-end headers, plus the request id."""
-    out.extend(downstream_fields(upstream))
+    out.extend(downstream_fields(upstream, dropped_names(upstream)))
     if REQUEST_ID not in out:
         out[REQUEST_ID] = request_id
 
@@ -103,3 +98,16 @@ def request_id_of(incoming: CIMultiDictProxy[str]) -> str:
     # nothing, so it comes from the fast in-process generator rather than a getrandom(2)
     # syscall per request.
     return incoming.get(REQUEST_ID) or f"{_random_bits(128):032x}"
+
+
+def encode_head(lines: list[str]) -> bytes | None:
+    """A message head from its lines (each ends in CRLF; the last is the blank one), as bytes.
+
+    None if a line holds a line break of its own: header values reach us through parsers that
+    refuse them, and this keeps the promise for values we derive, so no message can be split
+    in two on its way. surrogateescape: bytes a parser decoded leniently go out as they came.
+    """
+    head = "".join(lines)
+    if head.count("\n") != len(lines) or head.count("\r") != len(lines):
+        return None
+    return head.encode("utf-8", "surrogateescape")

@@ -31,6 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.body import Body, CallerBody
 from sidecar.config import Endpoint
 from sidecar.errors import BadRequest, BadUpstreamResponse, ConnectFailure, SidecarError, UpstreamReset
+from sidecar.headers import encode_head
 
 # Methods whose requests are expected to carry a body: without one they say Content-Length: 0
 # (as aiohttp's client did), because some servers answer 411 otherwise.
@@ -209,13 +210,10 @@ def _request_head(method: str, target: str, headers: CIMultiDict[str], body: Bod
         elif body or method in BODY_METHODS:
             lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
     lines.append("\r\n")
-    head = "".join(lines)
-    # Header values reach us through parsers that refuse line breaks; this keeps the promise
-    # for values we derive, so no request can be split into two on its way upstream.
-    if head.count("\n") != len(lines) or head.count("\r") != len(lines):
+    head = encode_head(lines)
+    if head is None:
         raise BadRequest("a request header holds a line break")
-    # surrogateescape: bytes the server decoded leniently go upstream exactly as they came.
-    return head.encode("utf-8", "surrogateescape")
+    return head
 
 
 async def _send_body(connection: Connection, loop: asyncio.AbstractEventLoop, body: CallerBody,

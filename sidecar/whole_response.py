@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 
-from sidecar.headers import REQUEST_ID, connection_names_more, downstream_fields
+from sidecar.headers import HOP_BY_HOP, REQUEST_ID, downstream_fields, dropped_names, encode_head
 from sidecar.upstream_client import UpstreamResponse
 
 
@@ -57,12 +57,14 @@ def send_whole(
     if (
         transport is None or transport.is_closing() or request.version != HttpVersion11
         or headers.get("Content-Length") != str(content.total_bytes) or not content.is_eof()
-        or connection_names_more(headers)
     ):
         return None
+    dropped = dropped_names(headers)
+    if dropped is not HOP_BY_HOP:
+        return None  # the upstream's Connection header names more headers to drop (rare)
     keep_alive = keep_alive and request.keep_alive
     lines = [f"HTTP/1.1 {upstream.status} {upstream.reason}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in downstream_fields(headers))
+    lines.extend(f"{name}: {value}\r\n" for name, value in downstream_fields(headers, dropped))
     if REQUEST_ID not in headers:
         lines.append(f"{REQUEST_ID}: {request_id}\r\n")
     lines.extend(f"{name}: {value}\r\n" for name, value in extra.items())
@@ -75,12 +77,9 @@ def send_whole(
     if not keep_alive:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    head = "".join(lines)
-    # The upstream's parser refuses line breaks in its fields; this keeps the promise for the
-    # values we add (the request id is the caller's), so no answer can be split in two.
-    if head.count("\n") != len(lines) or head.count("\r") != len(lines):
-        return None
-    # surrogateescape: bytes the client parser decoded leniently go out exactly as they came.
-    transport.write(head.encode("utf-8", "surrogateescape") + content.read_nowait())
+    head = encode_head(lines)
+    if head is None:
+        return None  # a line break in a value we add (the request id is the caller's)
+    transport.write(head + content.read_nowait())
     upstream.release()
     return SentResponse(upstream.status, keep_alive)
