@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import StreamReader
 
@@ -17,14 +17,22 @@ class CallerBody:
     (a refused connect) can be retried with the same body. Failures are raised as our
     own errors, not OSError, so the forward step can tell the caller's failure from
     the upstream's.
+
+    `on_first_read` runs once, when the body is first pulled: it answers a caller's
+    `Expect: 100-continue` at the moment the sidecar is ready for the body, as nginx does,
+    so the caller never waits for a 100 the upstream's side would have to send.
     """
 
-    __slots__ = ("_content", "_idle", "_max_body", "started")
+    __slots__ = ("_content", "_idle", "_max_body", "_on_first_read", "started")
 
-    def __init__(self, content: StreamReader, idle: float, max_body: int | None = None) -> None:
+    def __init__(
+        self, content: StreamReader, idle: float, max_body: int | None = None,
+        on_first_read: Callable[[], None] | None = None,
+    ) -> None:
         self._content = content
         self._idle = idle
         self._max_body = max_body
+        self._on_first_read = on_first_read
         self.started = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -32,6 +40,9 @@ class CallerBody:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         self.started = True
+        if self._on_first_read is not None:
+            self._on_first_read()
+            self._on_first_read = None
         received = 0
         while True:
             try:

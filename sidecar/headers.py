@@ -51,7 +51,9 @@ def upstream_request_headers(
     """Headers for the upstream: end-to-end ones untouched, forwarding facts added.
 
     Host is left out: the forward step sets it to the endpoint it picked. x-sidecar-*
-    headers are instructions to us, never forwarded.
+    headers are instructions to us, never forwarded. Expect is ours to answer (the
+    caller's body is read, and `100 Continue` sent, by the sidecar), so it is not forwarded:
+    an upstream's 100 would have nowhere to go.
     X-Forwarded-Proto/Host from a caller are kept (it may sit behind another proxy).
     """
     dropped = dropped_names(incoming)
@@ -59,7 +61,7 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict([
         (name, value) for name, value in incoming.items()
         if name in usual or not (
-            (lower := name.lower()) in dropped or lower in ("host", "x-forwarded-for")
+            (lower := name.lower()) in dropped or lower in ("host", "x-forwarded-for", "expect")
             or lower.startswith(("proxy-", "x-sidecar-"))
         )
     ])

@@ -102,6 +102,7 @@ class Metrics:
             "sidecar_admin_events_dropped", "Events not delivered to a slow /api/v1/events client.",
             registry=registry,
         )
+        self.connections = ConnectionMetrics(registry)
         build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
                            ["version"], registry=registry, multiprocess_mode="max")
         build_info.labels(__version__).set(1)
@@ -118,6 +119,28 @@ class Metrics:
         """Fold every route's tallies into prometheus-client (done before each collection)."""
         for route in self._routes.values():
             route.flush()
+
+
+class ConnectionMetrics:
+    """What the upstream client did to pooled connections (its ConnectionCounters)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._stale = Counter(
+            "sidecar_upstream_stale_connections",
+            "Requests on a reused upstream connection that the upstream was closing (idle-timeout races).",
+            ["endpoint"], registry=registry,
+        )
+        self._unsolicited = Counter(
+            "sidecar_upstream_unsolicited_closes",
+            "Upstream connections closed because bytes arrived that no request asked for.",
+            ["endpoint"], registry=registry,
+        )
+
+    def stale(self, endpoint: str) -> None:
+        self._stale.labels(endpoint).inc()
+
+    def unsolicited(self, endpoint: str) -> None:
+        self._unsolicited.labels(endpoint).inc()
 
 
 class _FlushFirst(Collector):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -91,6 +92,23 @@ def caller_limits(headers: CIMultiDictProxy[str]) -> tuple[int | None, float | N
     return attempts, timeout
 
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def continue_sender(request: web.BaseRequest) -> Callable[[], None] | None:
+    """For a caller that sent `Expect: 100-continue`: what sends it the 100 when its body is wanted."""
+    expect = request.headers.get("Expect")
+    if expect is None or expect.lower() != "100-continue" or request.version < (1, 1):
+        return None
+
+    def send_continue() -> None:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(CONTINUE)
+
+    return send_continue
+
+
 def attempt_headers(call: Call) -> dict[str, str]:
     return {ATTEMPTS_HEADER: str(call.attempts), UPSTREAM_MS_HEADER: str(round(call.upstream_seconds * 1000))}
 
@@ -142,7 +160,9 @@ class Listener:
             method=request.method,
             target=upstream_target(spec, raw_path),
             headers=upstream_request_headers(request.headers, request.remote, request.scheme, request_id),
-            body=CallerBody(request.content, spec.timeouts.idle, spec.limits.max_body) if request.body_exists else None,
+            body=CallerBody(
+                request.content, spec.timeouts.idle, spec.limits.max_body, continue_sender(request)
+            ) if request.body_exists else None,
         )
         try:
             try:
@@ -165,9 +185,11 @@ class Listener:
                 internal = SidecarError("the sidecar failed unexpectedly")
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
-            return await relay(
-                request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), not self.draining
-            )
+            # An answer that came before the caller's body was all read (a 401 to an upload the
+            # upstream never read) is relayed as it is, and the caller's connection closes after
+            # it: the rest of that body is not worth reading.
+            keep_alive = not self.draining and (call.body is None or request.content.is_eof())
+            return await relay(request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), keep_alive)
         except asyncio.CancelledError:
             status, error_kind = CallerGone.status, CallerGone.kind  # the caller hung up
             raise

@@ -6,16 +6,55 @@ import asyncio
 import contextlib
 import logging
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_writer import StreamWriter
 
-from sidecar.headers import add_downstream_response_headers
+from sidecar.headers import add_downstream_response_headers, encode_head
 from sidecar.upstream_client import UpstreamResponse
 from sidecar.whole_response import send_whole
 
 log = logging.getLogger("sidecar.relay")
 
 
-class HeldHeadResponse(web.StreamResponse):
+class RelayedResponse(web.StreamResponse):
+    """aiohttp's response, framing and all, with two differences a proxy needs:
+
+    - no `Content-Type: application/octet-stream` is invented for an upstream answer that had
+      none (it changes what clients sniff; nginx, HAProxy and Envoy add none);
+    - the head is encoded by the sidecar's one head encoder, so header bytes that are not
+      UTF-8 (obs-text such as `caf\xe9`) leave exactly as they came, as on the small-response
+      path (aiohttp's writer drops them).
+    """
+
+    def __init__(self, status: int, reason: str, typed: bool) -> None:
+        super().__init__(status=status, reason=reason)
+        self._typed = typed  # whether the upstream sent a Content-Type
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        if not self._typed:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
+
+    async def _write_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and isinstance(writer, StreamWriter)
+        version = request.version
+        lines = [f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in self.headers.items())
+        lines.append("\r\n")
+        head = encode_head(lines)
+        if head is None:
+            raise ValueError("a response header holds a line break")
+        # The writer keeps the head until the first body write (or sends it now): aiohttp's
+        # own write_headers does exactly this with the head it serialised.
+        writer._headers_buf = head
+        writer._headers_written = False
+        if self._send_headers_immediately:
+            writer.send_headers()
+
+
+class HeldHeadResponse(RelayedResponse):
     """Headers wait for the first body write and leave with it: one write, one segment.
 
     (aiohttp's own `Response` does this; a StreamResponse sends headers at prepare().)
@@ -51,9 +90,9 @@ async def relay(
         if sent is not None:
             await _caught_up(request)
             return sent
-    kind = HeldHeadResponse if content.total_bytes else web.StreamResponse
+    kind = HeldHeadResponse if content.total_bytes else RelayedResponse
     # Headers go straight into the response's own: passing them in would copy them again.
-    response = kind(status=upstream.status, reason=upstream.reason)
+    response = kind(upstream.status, upstream.reason, hdrs.CONTENT_TYPE in upstream.headers)
     add_downstream_response_headers(response.headers, upstream.headers, request_id)
     response.headers.update(extra)
     if not keep_alive:

@@ -31,9 +31,6 @@ log = logging.getLogger("sidecar")
 
 # Our own header limits are generous: upstreams may send more than aiohttp's 8 KiB default.
 MAX_LINE = MAX_FIELD = 65536
-# Below the idle timeout of common upstream servers (Node's default is 5s), so we
-# rarely reuse a connection the upstream is closing at the same moment.
-UPSTREAM_KEEPALIVE = 4.0
 
 
 @dataclass(slots=True)
@@ -85,7 +82,7 @@ class Sidecar:
         return {name: route.state for name, route in self._routes.items()}
 
     async def start(self) -> None:
-        self._client = UpstreamClient(UPSTREAM_KEEPALIVE, MAX_LINE, MAX_FIELD)
+        self._client = UpstreamClient(MAX_LINE, MAX_FIELD, self.metrics.connections)
         self._pools, self._routes = self._build(self.config)
         try:
             for address in self.config.listeners:

@@ -9,8 +9,13 @@ protocol and llhttp response parser (`ResponseHandler`) and its body writer
 (`StreamWriter`), and replaces only the orchestration around them:
   - the request head is built as one string from headers the proxy already cleaned,
     and sent with a bodiless or buffered request in one write;
-  - connections are pooled per endpoint, most recently used first, and dropped after
-    `keepalive` seconds idle, below the idle timeout of common upstream servers;
+  - connections are pooled per endpoint, most recently used first, and dropped after the
+    endpoint's `keepalive` seconds idle (or less, when the upstream's `Keep-Alive: timeout=N`
+    says it closes sooner), below the idle timeout of common upstream servers;
+  - a connection goes back to the pool only when its response ended exactly: nothing more
+    buffered or half-parsed, and no byte arriving while no request is in flight (a late
+    response or a `408` on an idle connection closes it, counted), so no caller can ever read
+    another exchange's bytes;
   - nothing is retried here (aiohttp's session resends idempotent requests on a dead
     pooled connection): attempts are the retry layer's, counted there.
 `ResponseHandler` is not in aiohttp's documented API, so pyproject.toml pins aiohttp's
@@ -20,8 +25,11 @@ minor version; the whole test suite runs through this module.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from collections import deque
+from typing import Protocol
 
 from aiohttp import ClientConnectionError, ServerDisconnectedError, StreamReader
 from aiohttp.client_proto import ResponseHandler
@@ -38,33 +46,132 @@ from sidecar.headers import encode_head
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
+# A pooled connection idle for longer than this may be one the upstream is closing right now:
+# look for its EOF in the socket before reusing it (one recv, only for such connections).
+PEEK_AFTER_IDLE = 0.25
+# Bytes read from a connection whose request body failed to send, looking for the answer that
+# the upstream sent before it closed (an early 401 or 413 to an upload it did not read).
+SALVAGE_LIMIT = 1 << 20
+
+
+class ConnectionCounters(Protocol):
+    """Where the client reports what it did to connections (the metrics implement it)."""
+
+    def stale(self, endpoint: str) -> None:
+        """A request on a reused connection met the upstream closing it (an idle-timeout race)."""
+
+    def unsolicited(self, endpoint: str) -> None:
+        """Bytes arrived while no request was in flight, or past a response's end: closed."""
+
+
 class Connection(ResponseHandler):
-    """aiohttp's client protocol, remembering which kind of response parser it has."""
+    """aiohttp's client protocol with the pooling rules: bytes nobody asked for close it."""
 
-    head_only: bool | None = None  # None: no parser yet
+    head_only: bool | None = None  # None: no parser yet, or one that must not be reused
+    in_flight = False  # a request was sent and its response is not complete yet
+    endpoint = ""  # for the counters
+    counters: ConnectionCounters | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self.in_flight:
+            # A late second response, a 408 before an idle close, garbage: never let the next
+            # request on this connection read it as its own answer.
+            if self.counters is not None:
+                self.counters.unsolicited(self.endpoint)
+            self.abort()
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and self.in_flight and self.transport is not None:
+            self._salvage(self.transport)
+        super().connection_lost(exc)
+
+    def _salvage(self, transport: asyncio.BaseTransport) -> None:
+        """A write failed (the upstream closed while we sent the body): read what it answered.
+
+        asyncio closes a transport on a failed write without reading what is still in the
+        socket, which is where an upstream's early answer (401 to an upload it never read)
+        waits. The socket is still open while connection_lost runs (the loop closes it after);
+        a descriptor that no longer belongs to this transport (-1) is never read.
+        """
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return
+        received = 0
+        while received < SALVAGE_LIMIT:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EAGAIN: nothing more; ECONNRESET: nothing more to read
+                return
+            if not data:
+                return
+            received += len(data)
+            super().data_received(data)
+
+    def ended_exactly(self) -> bool:
+        """Whether the parser stands between two messages: nothing queued, nothing half-read.
+        (feed_eof on an idle parser does nothing; on one holding the start of another message
+        it returns or raises.)"""
+        if self.should_close:  # Connection: close, a queued message, unread bytes
+            return False
+        parser = self._parser
+        try:
+            return parser is None or parser.feed_eof() is None
+        except Exception:  # noqa: BLE001 - whatever it holds, it is not a clean boundary
+            return False
+
+    def shows_eof(self) -> bool:
+        """Whether the upstream closed this idle connection, seen in its socket before the loop
+        reports it. One non-blocking peek; any other answer means the connection looks alive."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.fileno() < 0:
+            return True
+        peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+        try:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            peek.detach()  # the descriptor stays the transport's
 
 
-# An endpoint's idle connections with the loop time each became idle, oldest on the left.
-Pool = deque[tuple[Connection, float]]
+class Pool:
+    """An endpoint's idle connections, oldest on the left, each with the loop times it expires
+    and it became idle."""
+
+    __slots__ = ("idle",)
+
+    def __init__(self) -> None:
+        self.idle: deque[tuple[Connection, float, float]] = deque()
 
 
 class UpstreamResponse:
     """An upstream's response with its headers read and its body still on the wire."""
 
-    __slots__ = ("_client", "_connection", "_pool", "_sending", "content", "headers", "reason", "status")
+    __slots__ = (
+        "_chunked", "_client", "_connection", "_endpoint", "_pool", "_sending",
+        "content", "headers", "reason", "status",
+    )
 
     def __init__(
         self, message: RawResponseMessage, content: StreamReader, connection: Connection,
-        sending: asyncio.Task[None] | None, client: UpstreamClient, pool: Pool,
+        sending: asyncio.Task[None] | None, client: UpstreamClient, pool: Pool, endpoint: Endpoint,
     ) -> None:
         self.status: int = message.code
         self.reason: str = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content = content
+        self._chunked: bool = message.chunked
         self._connection = connection
         self._sending = sending
         self._client = client
         self._pool = pool  # where the connection goes back to
+        self._endpoint = endpoint
 
     def release(self) -> None:
         """Done with it: the connection goes back to the pool if the exchange ended cleanly."""
@@ -75,10 +182,14 @@ class UpstreamResponse:
             # way: the request's framing on this connection is unfinished.
             sending.cancel()
             connection.abort()
-        elif connection.is_connected() and self.content.is_eof() and not connection.should_close:
-            self._client.give_back(self._pool, connection)
+        elif connection.is_connected() and self.content.is_eof() and connection.ended_exactly():
+            if self._chunked:
+                # llhttp keeps the last trailer field it saw and hands it to the next message
+                # as a header: a chunked response's parser is never used again.
+                connection.head_only = None
+            self._client.give_back(self._pool, connection, self._endpoint, self.headers)
         else:
-            connection.close()  # body unread or broken: the connection's framing is unknown
+            connection.abort()  # body unread or broken, or bytes past its end: framing unknown
 
     def close(self) -> None:
         """Drop the connection at once (the caller left, or the body broke)."""
@@ -91,8 +202,8 @@ class UpstreamResponse:
 class UpstreamClient:
     """One per process; pools are keyed by endpoint (host, port, tls)."""
 
-    def __init__(self, keepalive: float, max_line: int, max_field: int) -> None:
-        self._keepalive = keepalive
+    def __init__(self, max_line: int, max_field: int, counters: ConnectionCounters | None = None) -> None:
+        self._counters = counters
         self._max_line = max_line
         self._max_field = max_field
         self._loop = asyncio.get_running_loop()
@@ -108,10 +219,12 @@ class UpstreamClient:
         head = _request_head(method, endpoint.path + target, headers, body)
         pool = self._idle.get(endpoint)
         if pool is None:
-            pool = self._idle[endpoint] = deque()
+            pool = self._idle[endpoint] = Pool()
         connection = self._pooled(pool)  # not `or`: a Connection is a queue, falsy when empty
+        reused = connection is not None
         if connection is None:
             connection = await self._connect(endpoint, connect_timeout)
+        connection.in_flight = True
         head_only = method == "HEAD"
         if connection.head_only is not head_only:
             # A new parser only when the connection's is missing or of the other kind: HEAD's
@@ -134,44 +247,69 @@ class UpstreamClient:
             else:
                 transport.write(head + body if body else head)  # head and small body in one segment
                 message, payload = await _response_head(connection, None, endpoint.authority)
-        except BaseException:
+        except BaseException as exc:
             if sending is not None:
                 sending.cancel()
             connection.abort()  # whatever happened, this connection's state is unknown
+            if reused and isinstance(exc, UpstreamReset) and self._counters is not None:
+                self._counters.stale(endpoint.base)
             raise
-        return UpstreamResponse(message, payload, connection, sending, self, pool)
+        return UpstreamResponse(message, payload, connection, sending, self, pool, endpoint)
 
-    def give_back(self, pool: Pool, connection: Connection) -> None:
-        """A connection whose exchange ended cleanly, ready for the next request."""
-        pool.append((connection, self._loop.time()))
+    def give_back(
+        self, pool: Pool, connection: Connection, endpoint: Endpoint, headers: CIMultiDictProxy[str]
+    ) -> None:
+        """A connection whose exchange ended exactly, ready for the next request."""
+        idle_for = endpoint.keepalive
+        if (says := headers.get("Keep-Alive")) is not None:
+            idle_for = min(idle_for, _keep_alive_limit(says))
+        if idle_for <= 0:
+            connection.close()
+            return
+        connection.in_flight = False
+        now = self._loop.time()
+        pool.idle.append((connection, now + idle_for, now))
         if self._sweep is None:
-            self._sweep = self._loop.call_later(self._keepalive, self._sweep_idle)
+            self._sweep = self._loop.call_later(idle_for, self._sweep_idle)
 
-    def _close_expired_in(self, pool: Pool) -> None:
-        too_old = self._loop.time() - self._keepalive
-        while pool and pool[0][1] <= too_old:  # the oldest are on the left
-            pool.popleft()[0].close()
+    def _close_expired_in(self, pool: Pool, now: float) -> None:
+        idle = pool.idle
+        while idle and idle[0][1] <= now:  # the oldest are on the left
+            idle.popleft()[0].close()
 
     def _sweep_idle(self) -> None:
-        """Close connections idle past keepalive even when no request comes to notice them."""
+        """Close connections idle past their time even when no request comes to notice them."""
         self._sweep = None
+        now = self._loop.time()
+        soonest = None
         for pool in self._idle.values():
-            self._close_expired_in(pool)
-        if any(self._idle.values()):
-            self._sweep = self._loop.call_later(self._keepalive, self._sweep_idle)
+            self._close_expired_in(pool, now)
+            if pool.idle:
+                first = min(expiry for _, expiry, _ in pool.idle)
+                soonest = first if soonest is None else min(soonest, first)
+        if soonest is not None:
+            self._sweep = self._loop.call_at(soonest, self._sweep_idle)
 
     def _pooled(self, pool: Pool) -> Connection | None:
-        if not pool:
+        idle = pool.idle
+        if not idle:
             return None
-        self._close_expired_in(pool)
-        while pool:
-            connection = pool.pop()[0]  # the most recently used: least likely to be closing
-            if connection.is_connected():
+        now = self._loop.time()
+        self._close_expired_in(pool, now)
+        while idle:
+            connection, expiry, since = idle.pop()  # the most recently used: least likely to be closing
+            if expiry <= now or not connection.is_connected():
+                connection.abort()
+            elif now - since > PEEK_AFTER_IDLE and connection.shows_eof():
+                connection.abort()  # its EOF is in the socket; the loop has not seen it yet
+            else:
                 return connection
         return None
 
     async def _connect(self, endpoint: Endpoint, within: float) -> Connection:
         connection = Connection(self._loop)
+        connection.endpoint = endpoint.base
+        connection.counters = self._counters
         tls = self._tls_context() if endpoint.tls else None
         try:
             async with asyncio.timeout(within):
@@ -195,10 +333,24 @@ class UpstreamClient:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for idle in self._idle.values():
-            for connection, _ in idle:
+        for pool in self._idle.values():
+            for connection, _, _ in pool.idle:
                 connection.close()
         self._idle.clear()
+
+
+def _keep_alive_limit(value: str) -> float:
+    """How long we may keep a connection idle, given the upstream's `Keep-Alive: timeout=N`:
+    a margin below N (a second, or half of N when N is small), since its clock started first."""
+    for param in value.split(","):
+        name, _, number = param.partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                seconds = float(number.strip())
+            except ValueError:
+                return float("inf")
+            return max(seconds - 1.0, seconds / 2) if seconds > 0 else 0.0
+    return float("inf")
 
 
 def _request_head(method: str, target: str, headers: CIMultiDict[str], body: Body) -> bytes:

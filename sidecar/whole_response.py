@@ -11,10 +11,10 @@ that the upstream framed with Content-Length and that is all here, and no extra 
 names in the upstream's Connection header. Everything else (streams, chunked, HEAD,
 204/304, HTTP/1.0) goes through aiohttp's response in relay.py.
 
-The head is the one aiohttp would have sent, in its order: the upstream's end-to-end
-headers, X-Request-Id and our x-sidecar-* headers, then aiohttp's defaults where the
-upstream sent none (Content-Type, Date, Server), then Connection: close when this answer
-ends the connection.
+The head is the one relay.py's response writes, in its order: the upstream's end-to-end
+headers, X-Request-Id and our x-sidecar-* headers, then Date and Server where the upstream
+sent none, then Connection: close when this answer ends the connection. No Content-Type is
+invented: a proxy passes representation metadata, it does not add it.
 """
 
 from __future__ import annotations
@@ -68,8 +68,6 @@ def send_whole(
     if REQUEST_ID not in headers:
         lines.append(f"{REQUEST_ID}: {request_id}\r\n")
     lines.extend(f"{name}: {value}\r\n" for name, value in extra.items())
-    if "Content-Type" not in headers and content.total_bytes:
-        lines.append("Content-Type: application/octet-stream\r\n")
     if "Date" not in headers:
         lines.append(f"Date: {rfc822_formatted_time()}\r\n")
     if "Server" not in headers:

@@ -18,13 +18,13 @@ from sidecar.upstream_client import UpstreamClient
 from tests.conftest import Hit, RawBehaviour, SidecarFactory, Upstream, raw_exchange, route_yaml, wait_until
 
 
-def endpoint_at(port: int) -> Endpoint:
+def endpoint_at(port: int, keepalive: float = 5.0) -> Endpoint:
     return Endpoint(base=f"http://127.0.0.1:{port}", authority=f"127.0.0.1:{port}", host="127.0.0.1", port=port,
-                    tls=False, path="")
+                    tls=False, path="", keepalive=keepalive)
 
 
-def endpoint_of(upstream: Upstream) -> Endpoint:
-    return endpoint_at(upstream.port)
+def endpoint_of(upstream: Upstream, keepalive: float = 5.0) -> Endpoint:
+    return endpoint_at(upstream.port, keepalive)
 
 
 async def get_from(client: UpstreamClient, endpoint: Endpoint) -> bytes:
@@ -118,12 +118,13 @@ async def test_post_without_a_body_is_sent_with_content_length_zero(
 
 
 async def test_idle_pooled_connections_are_reused_then_dropped_after_keepalive(upstream: Upstream) -> None:
-    client = UpstreamClient(keepalive=0.2, max_line=8190, max_field=8190)
+    client = UpstreamClient(max_line=8190, max_field=8190)
+    endpoint = endpoint_of(upstream, keepalive=0.2)
     try:
-        await get(client, upstream)
-        await get(client, upstream)
+        await get_from(client, endpoint)
+        await get_from(client, endpoint)
         await asyncio.sleep(0.3)  # past keepalive: that connection may be closing upstream
-        await get(client, upstream)
+        await get_from(client, endpoint)
     finally:
         client.close()
     first, second, third = (hit.peer for hit in upstream.hits)
@@ -132,7 +133,7 @@ async def test_idle_pooled_connections_are_reused_then_dropped_after_keepalive(u
 
 
 async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(upstream: Upstream) -> None:
-    client = UpstreamClient(keepalive=1.0, max_line=8190, max_field=8190)
+    client = UpstreamClient(max_line=8190, max_field=8190)
     endpoint = endpoint_of(upstream)
     headers = CIMultiDict({"Host": endpoint.authority, "X-Split": "a\r\nGET /smuggled HTTP/1.1"})
     try:
@@ -157,8 +158,8 @@ async def test_idle_connections_are_closed_after_keepalive_without_new_requests(
         closed.set()
 
     port = await raw_upstream(answer_then_watch)
-    client = UpstreamClient(keepalive=0.1, max_line=8190, max_field=8190)
-    endpoint = endpoint_at(port)
+    client = UpstreamClient(max_line=8190, max_field=8190)
+    endpoint = endpoint_at(port, keepalive=0.1)
     try:
         response = await client.send(endpoint, "GET", "/", CIMultiDict(Host=endpoint.authority), None, 1.0)
         assert await response.content.read() == b"ok"
@@ -184,7 +185,7 @@ async def test_a_connection_whose_request_body_failed_is_not_reused(
             await writer.drain()
 
     port = await raw_upstream(answer_early)
-    client = UpstreamClient(keepalive=5.0, max_line=8190, max_field=8190)
+    client = UpstreamClient(max_line=8190, max_field=8190)
     endpoint = endpoint_at(port)
     loop = asyncio.get_running_loop()
     stalled = StreamReader(BaseProtocol(loop), 2**16, loop=loop)

@@ -88,7 +88,10 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
     upstreams = {
         name: UpstreamSpec(
             name,
-            tuple(_endpoint(url, f"$.upstreams.{name}.endpoints[{i}]", lines) for i, url in enumerate(spec.endpoints)),
+            tuple(
+                _endpoint(url, f"$.upstreams.{name}.endpoints[{i}]", lines, spec.keepalive_timeout)
+                for i, url in enumerate(spec.endpoints)
+            ),
             spec.outlier,
         )
         for name, spec in document.upstreams.items()
@@ -199,7 +202,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _endpoint(text: str, path: str, lines: Lines) -> Endpoint:
+def _endpoint(text: str, path: str, lines: Lines, keepalive: float) -> Endpoint:
     try:
         url = URL(text)
     except ValueError as exc:
@@ -216,5 +219,5 @@ def _endpoint(text: str, path: str, lines: Lines) -> Endpoint:
     base = f"{url.scheme}://{authority}{path}"
     return Endpoint(
         base=base, authority=authority, host=url.raw_host or "", port=url.port or 80, tls=url.scheme == "https",
-        path=path,
+        path=path, keepalive=float(keepalive),
     )

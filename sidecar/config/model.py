@@ -37,6 +37,8 @@ class Endpoint:
     port: int
     tls: bool
     path: str  # base path prepended to every request target, "" for none
+    # Seconds a pooled connection may stay idle (the upstream's keepalive_timeout).
+    keepalive: float = 1.5
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,10 @@ class Outlier(_Section, frozen=True):
 class Upstream(_Section, frozen=True):
     endpoints: Annotated[list[str], Meta(min_length=1)]
     outlier: Outlier = msgspec.field(default_factory=Outlier)
+    # How long an idle pooled connection is kept: below the upstream server's own idle timeout
+    # (gunicorn's default is 2s, Node's 5s), so we never send on a connection it is closing.
+    # A `Keep-Alive: timeout=N` from the upstream lowers it for that connection.
+    keepalive_timeout: Duration = duration("1.5s")
 
 
 class Fallback(_Section, frozen=True):
