@@ -17,7 +17,7 @@ import yaml
 from sidecar import __version__
 from sidecar.config import ConfigError, load_config
 from sidecar.config.describe import describe, json_schema
-from sidecar.logs import setup_json_logging
+from sidecar.telemetry.logs import setup_json_logging
 
 GC_THRESHOLD = 7000  # young-generation threshold while serving (Python's default: 700)
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             parser.error("--workers must be at least 1")
         if args.workers > 1:
-            from sidecar.workers import supervise
+            from sidecar.runtime.workers import supervise
 
             # Validate once here, so a broken config fails fast instead of in every worker.
             try:
@@ -96,7 +96,7 @@ def _check(path: str) -> int:
 
 
 def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
-    from sidecar.server import Sidecar, serve_until_stopped
+    from sidecar.runtime.sidecar import Sidecar, serve_until_stopped
 
     try:
         config = load_config(path)
@@ -111,7 +111,7 @@ def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
     # (at most a few thousand objects wait) and GC out of the per-request cost.
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     if worker:
-        from sidecar.workers import stop_with_supervisor
+        from sidecar.runtime.workers import stop_with_supervisor
 
         stop_with_supervisor()
         # A reload through one worker's admin API reaches the others through the supervisor.
@@ -120,7 +120,7 @@ def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    from sidecar.runtime.demo import run_demo
 
     return run_until_signal(lambda stop: run_demo(args.listen, args.admin, args.upstream, stop), args.loop)
 

@@ -19,18 +19,15 @@
         +-- UpstreamTimeout        504 timeout: per-try or total deadline passed before headers
 
 Upstream responses, 5xx included, are not errors here: they pass through untouched.
-Foreign exceptions (aiohttp, OSError) are mapped to these at the network edge, in `upstream_client.py`
-(and a per-try timeout in `forward.py`).
+Foreign exceptions (aiohttp, OSError) are mapped to these at the network edge, in
+`wire/upstream_client.py` (and a per-try timeout in `proxy/forward.py`). The answers are rendered
+in one place, `wire/responses.py`.
 Callers tell our answers from the upstream's by the `x-sidecar-error` header.
 """
 
 from __future__ import annotations
 
 import json
-
-from aiohttp import web
-
-from sidecar.config.schema import Fallback
 
 ERROR_HEADER = "x-sidecar-error"
 
@@ -133,29 +130,9 @@ class ReloadError(Exception):
     """A config reload that was refused; the message is what `sidecar check` would say."""
 
 
-def error_response(
-    error: SidecarError,
-    route: str | None,
-    request_id: str,
-    attempts: int = 0,
-    extra: dict[str, str] | None = None,
-    fallback: Fallback | None = None,
-) -> web.Response:
-    """The JSON body and headers of every response the sidecar makes itself.
-
-    While a route sheds load (breaker open, overloaded) its configured fallback is
-    served instead of the JSON body; `x-sidecar-error` still says what happened.
-    """
-    headers = {ERROR_HEADER: error.kind, "X-Request-Id": request_id, **(extra or {})}
-    if isinstance(error, CircuitOpen):
-        headers["Retry-After"] = str(error.retry_after)
-    if fallback is not None and isinstance(error, Shed):
-        headers = {**fallback.headers, **headers}
-        return web.Response(status=fallback.status, body=fallback.body.encode(), headers=headers)
-    body = {
+def error_document(error: SidecarError, route: str | None, attempts: int = 0) -> bytes:
+    """The JSON body of every answer the sidecar makes itself (rendered by wire/responses.py)."""
+    return json.dumps({
         "error": error.kind, "message": error.message, "route": route, "retryable": error.retryable,
         "attempts": attempts,
-    }
-    return web.Response(
-        status=error.status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
-    )
+    }).encode()

@@ -22,7 +22,7 @@ from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from sidecar.config import Address, parse_config
-from sidecar.server import Sidecar
+from sidecar.runtime.sidecar import Sidecar
 
 Behaviour = Callable[[web.BaseRequest, "Hit"], Awaitable[web.StreamResponse]]
 RawBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

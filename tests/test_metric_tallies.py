@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry, Histogram
 
-from sidecar.metrics import DURATION_BUCKETS, Metrics
+from sidecar.telemetry.metrics import DURATION_BUCKETS, Metrics
 from tests.conftest import Gate, SidecarFactory, Upstream, route_yaml, with_test_listeners
 
 # Bucket bounds themselves (an observation equal to a bound belongs to that bucket),

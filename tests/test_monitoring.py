@@ -25,7 +25,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, answering, wait_until
+from tests.conftest import Gate, Hit, RawBehaviour, RunningSidecar, SidecarFactory, Upstream, answering, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_DOC = ROOT / "docs" / "metrics.md"
@@ -286,10 +286,11 @@ async def unavailable(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
 broken = answering(500)
 
 
-def every_state_yaml(web_url: str, bad_url: str, good_url: str) -> str:
+def every_state_yaml(web_url: str, bad_url: str, good_url: str, rude_url: str) -> str:
     return f"""
         upstreams:
           web: {{endpoints: ["{web_url}"]}}
+          rude: {{endpoints: ["{rude_url}"]}}
           pair:
             endpoints: ["{bad_url}", "{good_url}"]
             outlier: {{consecutive_failures: 1, base_ejection: 60s}}
@@ -321,6 +322,10 @@ def every_state_yaml(web_url: str, bad_url: str, good_url: str) -> str:
             match: {{path_prefix: /operated/}}
             strip_prefix: true
             upstream: web
+          - name: rude          # a connection closed under a reused request, and bytes nobody asked for
+            match: {{path_prefix: /rude/}}
+            strip_prefix: true
+            upstream: rude
           - name: spread        # the failing endpoint of two is ejected
             match: {{path_prefix: /spread/}}
             strip_prefix: true
@@ -340,7 +345,8 @@ EVENT_BURST = 1000  # well above a subscriber's queue (sidecar.events.QUEUE_SIZE
 
 
 async def drive_into_every_state(
-    client: aiohttp.ClientSession, proxy: RunningSidecar, web_upstream: Upstream, gate: Gate, config_file: Path
+    client: aiohttp.ClientSession, proxy: RunningSidecar, web_upstream: Upstream, gate: Gate, config_file: Path,
+    rude_url: str,
 ) -> None:
     url = proxy.url
     assert await status(client, "GET", url + "/main/ok") == (200, None)
@@ -363,8 +369,28 @@ async def drive_into_every_state(
     async with client.post(proxy.admin + "/api/v1/breakers/operated/open") as response:
         assert response.status == 200 and (await response.json())["forced"] is True
     assert await status(client, "GET", url + "/operated/ok") == (503, "circuit_open")
+    assert await status(client, "GET", url + "/rude/once") == (200, None)
+    assert await status(client, "GET", url + "/rude/again") == (200, None)  # stale pooled connection, retried
+    assert await status(client, "GET", url + "/rude/late") == (200, None)  # then bytes nobody asked for
+    await wait_until(lambda: proxy.metric("sidecar_upstream_unsolicited_closes_total", endpoint=rude_url) == 1)
     await overflow_an_event_stream(client, proxy)
     await refuse_a_reload(client, proxy, config_file)
+
+
+async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A raw upstream that closes a kept-alive connection under the next request after `/once`,
+    and sends a second, unasked answer after `/late`."""
+    for _ in range(10):
+        path = (await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if path == b"/once":
+            await reader.readuntil(b"\r\n\r\n")
+            return  # closed without an answer: the idle-timeout race
+        if path == b"/late":
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+            await writer.drain()
 
 
 async def refuse_a_reload(client: aiohttp.ClientSession, proxy: RunningSidecar, config_file: Path) -> None:
@@ -390,7 +416,7 @@ async def overflow_an_event_stream(client: aiohttp.ClientSession, proxy: Running
 @pytest.fixture
 async def scrape(
     sidecar_factory: SidecarFactory, upstream_factory: Callable[[str], Awaitable[Upstream]],
-    client: aiohttp.ClientSession, tmp_path: Path,
+    client: aiohttp.ClientSession, tmp_path: Path, raw_upstream: Callable[[RawBehaviour], Awaitable[int]],
 ) -> str:
     """The admin /metrics text (Prometheus text format) after traffic through every state."""
     web_upstream = await upstream_factory("web")
@@ -404,8 +430,10 @@ async def scrape(
     web_upstream.on("/held", gate)
     bad.on("/x", broken)
     config_file = tmp_path / "sidecar.yaml"
-    proxy = await sidecar_factory(every_state_yaml(web_upstream.url, bad.url, good.url), config_file=config_file)
-    await drive_into_every_state(client, proxy, web_upstream, gate, config_file)
+    rude_url = f"http://127.0.0.1:{await raw_upstream(rude)}"
+    proxy = await sidecar_factory(every_state_yaml(web_upstream.url, bad.url, good.url, rude_url),
+                                  config_file=config_file)
+    await drive_into_every_state(client, proxy, web_upstream, gate, config_file, rude_url)
     async with client.get(proxy.admin + "/metrics") as response:
         assert response.status == 200
         assert response.content_type == "text/plain"
@@ -452,6 +480,8 @@ EXPECTED_SAMPLES: list[tuple[str, dict[str, str]]] = [
     ("sidecar_admin_events_dropped_total", {}),
     ("sidecar_config_last_reload_success_timestamp_seconds", {}),
     ("sidecar_build_info", {}),
+    ("sidecar_upstream_stale_connections_total", {}),
+    ("sidecar_upstream_unsolicited_closes_total", {}),
     ("sidecar_request_duration_seconds_count", {"route": "narrow"}),
     ("sidecar_upstream_attempt_duration_seconds_count", {"route": "spread"}),
 ]

@@ -11,10 +11,10 @@ from aiohttp import StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 
-from sidecar.body import CallerBody
 from sidecar.config.model import Endpoint
 from sidecar.errors import BadRequest
-from sidecar.upstream_client import UpstreamClient
+from sidecar.wire.body import CallerBody
+from sidecar.wire.upstream_client import UpstreamClient
 from tests.conftest import Hit, RawBehaviour, SidecarFactory, Upstream, raw_exchange, route_yaml, wait_until
 
 

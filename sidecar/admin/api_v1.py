@@ -12,7 +12,7 @@ from sidecar.errors import ReloadError
 from sidecar.layers.breaker import Forced
 
 if TYPE_CHECKING:
-    from sidecar.server import Sidecar
+    from sidecar.runtime.sidecar import Sidecar
 
 FORCED: dict[str, Forced | None] = {"open": "open", "close": "closed", "reset": None}
 HEARTBEAT_SECONDS = 15.0  # an SSE comment line keeps idle streams alive through proxies

@@ -13,7 +13,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sidecar.admin import api_v1
 
 if TYPE_CHECKING:
-    from sidecar.server import Sidecar
+    from sidecar.runtime.sidecar import Sidecar
 
 class Readiness:
     """Ready once the config is loaded and every listener is bound; not ready while stopping."""

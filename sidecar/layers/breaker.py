@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import pybreaker
 
-from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.schema import CircuitBreaker
 from sidecar.errors import (
     BadUpstreamResponse,
@@ -34,10 +33,11 @@ from sidecar.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sidecar.events import EventBus
 from sidecar.layers.failure_rate import FailureRateWindow
-from sidecar.metrics import RouteMetrics
-from sidecar.upstream_client import UpstreamResponse
+from sidecar.proxy.call import Call, Handler, Layer, passthrough
+from sidecar.telemetry.events import EventBus
+from sidecar.telemetry.metrics import RouteMetrics
+from sidecar.wire.upstream_client import UpstreamResponse
 
 log = logging.getLogger("sidecar.breaker")
 RECENT_FAILURES = 10

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
-from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Timeouts
-from sidecar.upstream_client import UpstreamResponse
+from sidecar.proxy.call import Call, Handler, Layer
+from sidecar.wire.upstream_client import UpstreamResponse
 
 
 def deadline_layer(timeouts: Timeouts) -> Layer:

@@ -13,12 +13,12 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import NoReturn
 
-from sidecar.call import Call, Handler, Layer
 from sidecar.config.schema import Limits
 from sidecar.errors import Overloaded
-from sidecar.events import EventBus
-from sidecar.metrics import RouteMetrics
-from sidecar.upstream_client import UpstreamResponse
+from sidecar.proxy.call import Call, Handler, Layer
+from sidecar.telemetry.events import EventBus
+from sidecar.telemetry.metrics import RouteMetrics
+from sidecar.wire.upstream_client import UpstreamResponse
 
 
 class Bulkhead:

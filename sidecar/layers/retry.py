@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 
-from sidecar.body import CallerBody
-from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.schema import Retries
 from sidecar.errors import CircuitOpen, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
-from sidecar.events import EventBus
 from sidecar.layers.retry_budget import RetryBudget
-from sidecar.metrics import RouteMetrics
-from sidecar.upstream_client import UpstreamResponse
+from sidecar.proxy.call import Call, Handler, Layer, passthrough
+from sidecar.telemetry.events import EventBus
+from sidecar.telemetry.metrics import RouteMetrics
+from sidecar.wire.body import CallerBody
+from sidecar.wire.upstream_client import UpstreamResponse
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CONDITIONS = {ConnectFailure.kind: "connect-failure", UpstreamReset.kind: "reset", UpstreamTimeout.kind: "timeout"}

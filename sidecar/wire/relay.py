@@ -9,9 +9,9 @@ import logging
 from aiohttp import hdrs, web
 from aiohttp.http_writer import StreamWriter
 
-from sidecar.headers import add_downstream_response_headers, encode_head
-from sidecar.upstream_client import UpstreamResponse
-from sidecar.whole_response import send_whole
+from sidecar.wire.headers import add_downstream_response_headers, encode_head
+from sidecar.wire.upstream_client import UpstreamResponse
+from sidecar.wire.whole_response import send_whole
 
 log = logging.getLogger("sidecar.relay")
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.metrics import Metrics
+from sidecar.telemetry.metrics import Metrics
 
 Event = dict[str, Any]
 QUEUE_SIZE = 256

@@ -10,18 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.call import Handler, Layer
 from sidecar.config import RouteSpec
-from sidecar.endpoints import EndpointPool
-from sidecar.events import EventBus
-from sidecar.forward import forwarder
 from sidecar.layers.breaker import RouteBreaker, breaker_layer
 from sidecar.layers.deadline import deadline_layer
 from sidecar.layers.limit import Bulkhead, limit_layer
 from sidecar.layers.retry import retry_layer
 from sidecar.layers.retry_budget import RetryBudget
-from sidecar.metrics import RouteMetrics
-from sidecar.upstream_client import UpstreamClient
+from sidecar.proxy.call import Handler, Layer
+from sidecar.proxy.endpoints import EndpointPool
+from sidecar.proxy.forward import forwarder
+from sidecar.telemetry.events import EventBus
+from sidecar.telemetry.metrics import RouteMetrics
+from sidecar.wire.upstream_client import UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)

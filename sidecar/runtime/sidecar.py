@@ -15,17 +15,17 @@ from typing import NoReturn, TextIO
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar.access_log import AccessLog
 from sidecar.admin import Readiness, admin_app, health_and_metrics
 from sidecar.config import Address, Config, ConfigError, load_config
-from sidecar.endpoints import EndpointPool
 from sidecar.errors import ReloadError
-from sidecar.events import EventBus
-from sidecar.metrics import FLUSH_SECONDS, NO_ROUTE, Metrics, multiprocess_dir, multiprocess_registry
-from sidecar.protocol import GuardedServer
-from sidecar.proxy import ActiveRoute, Listener
-from sidecar.stack import RouteState, new_route_state, route_stack
-from sidecar.upstream_client import UpstreamClient
+from sidecar.proxy.endpoints import EndpointPool
+from sidecar.proxy.listener import ActiveRoute, Listener
+from sidecar.proxy.stack import RouteState, new_route_state, route_stack
+from sidecar.telemetry.access_log import AccessLog
+from sidecar.telemetry.events import EventBus
+from sidecar.telemetry.metrics import FLUSH_SECONDS, NO_ROUTE, Metrics, multiprocess_dir, multiprocess_registry
+from sidecar.wire.server_protocol import GuardedServer
+from sidecar.wire.upstream_client import UpstreamClient
 
 log = logging.getLogger("sidecar")
 

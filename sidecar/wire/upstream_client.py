@@ -36,10 +36,10 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import HttpProcessingError, RawResponseMessage, StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.body import Body, CallerBody
 from sidecar.config import Endpoint
 from sidecar.errors import BadRequest, BadUpstreamResponse, ConnectFailure, SidecarError, UpstreamReset
-from sidecar.headers import encode_head
+from sidecar.wire.body import Body, CallerBody
+from sidecar.wire.headers import encode_head
 
 # Methods whose requests are expected to carry a body: without one they say Content-Length: 0
 # (as aiohttp's client did), because some servers answer 411 otherwise.

@@ -10,17 +10,18 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from sidecar.access_log import AccessLog
-from sidecar.body import CallerBody
-from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
 from sidecar.config.schema import Server
-from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError, error_response
-from sidecar.headers import request_id_of, upstream_request_headers
-from sidecar.metrics import RouteMetrics
-from sidecar.relay import relay
-from sidecar.request_checks import refusal
-from sidecar.stack import RouteState
+from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError
+from sidecar.proxy.call import Call, Handler
+from sidecar.proxy.stack import RouteState
+from sidecar.telemetry.access_log import AccessLog
+from sidecar.telemetry.metrics import RouteMetrics
+from sidecar.wire.body import CallerBody
+from sidecar.wire.headers import request_id_of, upstream_request_headers
+from sidecar.wire.relay import relay
+from sidecar.wire.request_checks import refusal
+from sidecar.wire.responses import error_response
 
 log = logging.getLogger("sidecar.proxy")
 

@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import Callable
 
 from sidecar.config import Endpoint, UpstreamSpec
-from sidecar.events import EventBus
-from sidecar.metrics import Metrics
+from sidecar.telemetry.events import EventBus
+from sidecar.telemetry.metrics import Metrics
 
 MAX_EJECTION_SECONDS = 300.0
 

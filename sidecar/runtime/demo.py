@@ -8,7 +8,7 @@ import random
 from aiohttp import web
 
 from sidecar.config import parse_config
-from sidecar.server import Sidecar
+from sidecar.runtime.sidecar import Sidecar
 
 DEMO_CONFIG = """
 listen: {listen}

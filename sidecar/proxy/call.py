@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 from multidict import CIMultiDict
 
-from sidecar.body import Body
 from sidecar.config import Endpoint
-from sidecar.upstream_client import UpstreamResponse
+from sidecar.wire.body import Body
+from sidecar.wire.upstream_client import UpstreamResponse
 
 
 @dataclass(slots=True)

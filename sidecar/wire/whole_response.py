@@ -23,8 +23,8 @@ from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 
-from sidecar.headers import HOP_BY_HOP, REQUEST_ID, downstream_fields, dropped_names, encode_head
-from sidecar.upstream_client import UpstreamResponse
+from sidecar.wire.headers import HOP_BY_HOP, REQUEST_ID, downstream_fields, dropped_names, encode_head
+from sidecar.wire.upstream_client import UpstreamResponse
 
 
 class SentResponse(web.StreamResponse):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.call import Call, Handler
 from sidecar.config import Endpoint, RouteSpec
-from sidecar.endpoints import EndpointPool
 from sidecar.errors import BadUpstreamResponse, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
-from sidecar.metrics import RouteMetrics
 from sidecar.per_try_timeouts import PerTryTimeouts
-from sidecar.upstream_client import UpstreamClient, UpstreamResponse
+from sidecar.proxy.call import Call, Handler
+from sidecar.proxy.endpoints import EndpointPool
+from sidecar.telemetry.metrics import RouteMetrics
+from sidecar.wire.upstream_client import UpstreamClient, UpstreamResponse
 
 # The outcome label of an attempt that ended in an error, by error kind.
 OUTCOMES = {

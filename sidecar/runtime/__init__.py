@@ -1,0 +1,1 @@
+"""Running a sidecar: start, reload and stop (sidecar.py), the `--workers N` supervisor, the demo."""
