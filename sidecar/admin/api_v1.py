@@ -3,50 +3,49 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from sidecar.admin.context import AdminContext
 from sidecar.config.describe import describe
 from sidecar.errors import ReloadError
 from sidecar.layers.breaker import Forced
-
-if TYPE_CHECKING:
-    from sidecar.runtime.sidecar import Sidecar
 
 FORCED: dict[str, Forced | None] = {"open": "open", "close": "closed", "reset": None}
 HEARTBEAT_SECONDS = 15.0  # an SSE comment line keeps idle streams alive through proxies
 
 
-def add_routes(app: web.Application, sidecar: Sidecar) -> None:
+def add_routes(app: web.Application, context: AdminContext) -> None:
     async def routes(request: web.Request) -> web.Response:
-        return web.json_response({"routes": describe(sidecar.config)["routes"]})
+        return web.json_response({"routes": describe(context.config())["routes"]})
 
     def snapshot(route: str) -> dict[str, Any]:
-        breaker = sidecar.route_states[route].breaker
+        breaker = context.breakers()[route]
         if breaker is None:
             return {"route": route, "enabled": False, "state": None, "forced": False, "consecutive_failures": 0,
                     "opened_at": None, "next_probe_at": None, "recent_failures": []}
         return breaker.snapshot()
 
     async def breakers(request: web.Request) -> web.Response:
-        return web.json_response({"breakers": [snapshot(route.name) for route in sidecar.config.routes]})
+        return web.json_response({"breakers": [snapshot(route.name) for route in context.config().routes]})
 
     async def force(request: web.Request) -> web.Response:
         route, action = request.match_info["route"], request.match_info["action"]
-        state = sidecar.route_states.get(route)
-        if state is None:
+        breakers = context.breakers()
+        if route not in breakers:
             return web.json_response({"error": "unknown_route", "message": f"no route named {route}"}, status=404)
-        if state.breaker is None:
+        breaker = breakers[route]
+        if breaker is None:
             return web.json_response(
                 {"error": "breaker_disabled", "message": f"route {route} has circuit_breaker.enabled: false"},
                 status=409,
             )
-        state.breaker.force(FORCED[action])
+        breaker.force(FORCED[action])
         return web.json_response(snapshot(route))
 
     async def events(request: web.Request) -> web.StreamResponse:
-        bus = sidecar.events
+        bus = context.events
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         with bus.subscribe() as subscriber:
@@ -65,12 +64,10 @@ def add_routes(app: web.Application, sidecar: Sidecar) -> None:
     app.router.add_post("/api/v1/breakers/{route}/{action:open|close|reset}", force)
     async def reload(request: web.Request) -> web.Response:
         try:
-            await sidecar.reload_from_file()
+            await context.reload()  # with workers, this also tells the others
         except ReloadError as exc:
             return web.json_response({"error": "invalid_config", "message": str(exc)}, status=400)
-        if sidecar.on_reloaded is not None:
-            sidecar.on_reloaded()  # with workers: tell the supervisor, which tells the others
-        return web.json_response({"status": "reloaded", "routes": [route.name for route in sidecar.config.routes]})
+        return web.json_response({"status": "reloaded", "routes": [route.name for route in context.config().routes]})
 
     app.router.add_get("/api/v1/events", events)
     app.router.add_post("/api/v1/reload", reload)

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sidecar.admin import api_v1
-
-if TYPE_CHECKING:
-    from sidecar.runtime.sidecar import Sidecar
-
-class Readiness:
-    """Ready once the config is loaded and every listener is bound; not ready while stopping."""
-
-    def __init__(self) -> None:
-        self.ready = False
+from sidecar.admin.context import AdminContext
 
 
 def json_error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -41,14 +32,14 @@ async def json_errors(
                           {"Allow": allowed})
 
 
-def bearer_token(sidecar: Sidecar) -> Middleware:
+def bearer_token(context: AdminContext) -> Middleware:
     """Mutating calls need `Authorization: Bearer <admin.token>` when a token is configured."""
 
     @web.middleware
     async def check(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        token = sidecar.config.admin_token  # read per call: a reload may change it
+        token = context.config().admin_token  # read per call: a reload may change it
         if token and request.method not in ("GET", "HEAD", "OPTIONS"):
             sent = request.headers.get("Authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
@@ -59,9 +50,9 @@ def bearer_token(sidecar: Sidecar) -> Middleware:
     return check
 
 
-def health_and_metrics(sidecar: Sidecar) -> web.Application:
+def health_and_metrics(context: AdminContext) -> web.Application:
     """/healthz, /readyz and /metrics: all a prober or a scraper needs, nothing that mutates."""
-    readiness = sidecar.readiness
+    readiness = context.readiness
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -75,12 +66,14 @@ def health_and_metrics(sidecar: Sidecar) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # Content negotiation: Prometheus text by default, OpenMetrics when the scraper asks.
-    app.router.add_get("/metrics", make_aiohttp_handler(sidecar.scrape_registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(context.registry))
     return app
 
 
-def admin_app(sidecar: Sidecar) -> web.Application:
-    app = health_and_metrics(sidecar)
-    app.middlewares.append(bearer_token(sidecar))
-    api_v1.add_routes(app, sidecar)
+def admin_app(context: AdminContext) -> web.Application:
+    app = health_and_metrics(context)
+    app.middlewares.append(bearer_token(context))
+    api_v1.add_routes(app, context)
+    for extend in context.extensions:
+        extend(app)
     return app

@@ -15,7 +15,7 @@ from typing import NoReturn, TextIO
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar.admin import Readiness, admin_app, health_and_metrics
+from sidecar.admin import AdminContext, Readiness, admin_app, health_and_metrics
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.errors import ReloadError
 from sidecar.proxy.endpoints import EndpointPool
@@ -87,9 +87,10 @@ class Sidecar:
         try:
             for address in self.config.listeners:
                 self._listeners[address] = await self._open_listener(address, self.config)
-            self.admin_bound = await self._serve(admin_app(self), self.config.admin_listen)
+            context = self.admin_context()
+            self.admin_bound = await self._serve(admin_app(context), self.config.admin_listen)
             if self.config.metrics_listen is not None:
-                self.metrics_bound = await self._serve(health_and_metrics(self), self.config.metrics_listen)
+                self.metrics_bound = await self._serve(health_and_metrics(context), self.config.metrics_listen)
         except BaseException:
             await self.stop()
             raise
@@ -97,6 +98,22 @@ class Sidecar:
         self.readiness.ready = True
         if multiprocess_dir() is not None:
             self._flush_metrics()
+
+    def admin_context(self) -> AdminContext:
+        """The admin app's view of this sidecar: explicit, so the admin package never imports this one."""
+        return AdminContext(
+            readiness=self.readiness,
+            registry=self.scrape_registry,
+            events=self.events,
+            config=lambda: self.config,
+            breakers=lambda: {name: route.state.breaker for name, route in self._routes.items()},
+            reload=self._reload_from_admin,
+        )
+
+    async def _reload_from_admin(self) -> None:
+        await self.reload_from_file()
+        if self.on_reloaded is not None:
+            self.on_reloaded()  # with workers: tell the supervisor, which tells the others
 
     def _flush_metrics(self) -> None:
         """Several workers: fold this worker's metric tallies into its shared files, and again later."""
