@@ -1,0 +1,69 @@
+"""What the sidecar accepts from callers: request lines, framing, paths, header names and our own headers.
+
+Every refusal is a JSON answer naming what was wrong, nothing reaches the upstream, and no
+traceback is logged. Requests are written as raw bytes, so the test controls every byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from tests.conftest import SidecarFactory, Upstream, raw_exchange, route_yaml
+
+
+def answer_parts(answer: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Status line, headers (lower-case names) and body of one raw answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return status_line, headers, body
+
+
+def assert_refused(answer: bytes, status: int, kind: str, *mentions: str) -> None:
+    status_line, headers, body = answer_parts(answer)
+    assert status_line.startswith(f"HTTP/1.1 {status} "), answer[:200]
+    assert headers.get("x-sidecar-error") == kind
+    message = json.loads(body)["message"]
+    for mention in mentions:
+        assert mention in message, message
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+# Our own request headers, malformed (issue 15, item 4).
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("x-sidecar-max-attempts", "\u00b2"),  # a superscript two: str.isdigit() says yes
+    ("x-sidecar-max-attempts", "7" * 5000),  # over Python's int-from-text digit limit
+    ("x-sidecar-timeout-ms", "1" + "0" * 400),  # too large for a float
+    ("x-sidecar-timeout-ms", "1" * 16),  # one digit over the documented bound
+    ("x-sidecar-timeout-ms", "\u0661\u0660"),  # Arabic-Indic digits
+    ("x-sidecar-max-attempts", "+3"),
+], ids=["superscript", "5000-digits", "float-overflow", "16-digits", "arabic-indic", "signed"])
+async def test_malformed_caller_limits_get_400_naming_the_header(
+    sidecar_factory: SidecarFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture, name: str, value: str
+) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    request = f"GET /x HTTP/1.1\r\nHost: x\r\n{name}: {value}\r\nConnection: close\r\n\r\n".encode()
+    answer = await raw_exchange(proxy.port, request)
+    assert_refused(answer, 400, "bad_request", name)
+    assert len(answer) < 1000  # a huge value is not echoed back whole
+    assert upstream.hits == []
+    assert errors_logged(caplog) == []
+
+
+async def test_large_but_well_formed_caller_limits_are_capped_by_the_route(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    request = (b"GET /x HTTP/1.1\r\nHost: x\r\nx-sidecar-timeout-ms: 999999999999999\r\n"
+               b"x-sidecar-max-attempts: 000000000000009\r\nConnection: close\r\n\r\n")
+    assert (await raw_exchange(proxy.port, request)).startswith(b"HTTP/1.1 200 ")
+    assert len(upstream.hits) == 1
+
+
