@@ -61,8 +61,7 @@ class GuardedHandler(RequestHandler):
     def _headers_too_slow(self, count: int) -> None:
         self._header_timer = None
         if self._request_count == count and not self._request_in_progress and self.transport is not None:
-            self.force_close()
-            self.transport.close()
+            self.force_close()  # closes the transport, and sets self.transport to None
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count

@@ -6,6 +6,7 @@ traceback is logged. Requests are written as raw bytes, so the test controls eve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -33,6 +34,23 @@ def assert_refused(answer: bytes, status: int, kind: str, *mentions: str) -> Non
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+# A slow sender is closed quietly (issue 15, item 3).
+
+async def test_slow_header_senders_are_closed_without_a_logged_error(
+    sidecar_factory: SidecarFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await sidecar_factory("server: {header_timeout: 200ms}\n" + route_yaml(upstream.url))
+    slow = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
+    for _reader, writer in slow:
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+    async with asyncio.timeout(5):
+        assert [await reader.read() for reader, _ in slow] == [b""] * 3  # closed by the sidecar
+    for _, writer in slow:
+        writer.close()
+    assert errors_logged(caplog) == []
+    assert upstream.hits == []
 
 
 # Our own request headers, malformed (issue 15, item 4).
