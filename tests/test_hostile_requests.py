@@ -85,3 +85,46 @@ async def test_large_but_well_formed_caller_limits_are_capped_by_the_route(
     assert len(upstream.hits) == 1
 
 
+# The request line's version, and the version of our answers (issue 15 item 5a, issue 14 item 7).
+
+@pytest.mark.parametrize(("request_line", "status", "kind"), [
+    (b"GET /x HTTP/2.0", 505, "http_version_not_supported"),
+    (b"GET /x HTTP/3.0", 505, "http_version_not_supported"),  # the C parser refuses it itself
+    (b"GET /x HTTP/1.2", 505, "http_version_not_supported"),
+    (b"GET /x", 400, "bad_request"),  # HTTP/0.9: no version at all
+    (b"GET /x HTTP/0.9", 400, "bad_request"),
+], ids=["http2", "http3", "http12", "no-version", "http09"])
+async def test_request_lines_other_than_http1_are_refused_and_closed(
+    sidecar_factory: SidecarFactory, upstream: Upstream, caplog: pytest.LogCaptureFixture,
+    request_line: bytes, status: int, kind: str,
+) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    # No Connection: close: raw_exchange returns only because the sidecar closes.
+    answer = await raw_exchange(proxy.port, request_line + b"\r\nHost: x\r\n\r\n")
+    assert_refused(answer, status, kind)
+    assert upstream.hits == []
+    assert errors_logged(caplog) == []
+
+
+async def test_http2_prior_knowledge_preface_is_refused(sidecar_factory: SidecarFactory, upstream: Upstream) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    answer = await raw_exchange(proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert_refused(answer, 400, "bad_request")  # both parsers refuse the `*` target first
+    assert upstream.hits == []
+
+
+async def test_unparsable_requests_are_answered_in_http11(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    answer = await raw_exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+    assert_refused(answer, 400, "bad_request")
+    assert upstream.hits == []
+
+
+async def test_http10_requests_are_still_served(sidecar_factory: SidecarFactory, upstream: Upstream) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    assert (await raw_exchange(proxy.port, b"GET /x HTTP/1.0\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.0 200 ")
+    assert [hit.target for hit in upstream.hits] == ["/x"]
+
+
