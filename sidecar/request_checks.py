@@ -7,6 +7,8 @@
   or `..` segment, literal or percent-encoded (`%2e`), is refused: an upstream resolving
   it could land outside the prefix the route matched.
 - HTTP/1.0 with Transfer-Encoding has doubtful framing (RFC 9112 6.1): refused, closed.
+  A transfer coding other than `chunked` alone (`gzip, chunked`) gets 501: the sidecar
+  would forward the coded bytes as if they were the body.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.config.schema import Server
-from sidecar.errors import BadRequest, CallerError, MethodNotAllowed, UriTooLong
+from sidecar.errors import BadRequest, CallerError, MethodNotAllowed, NotImplementedCoding, UriTooLong
 
 _HTTP11 = (1, 1)
 
@@ -29,6 +31,9 @@ def refusal(request: web.BaseRequest, raw_path: str, limits: Server) -> CallerEr
         return UriTooLong(f"the request line is longer than {limits.max_request_line} bytes")
     if request.version < _HTTP11 and "Transfer-Encoding" in request.headers:
         return BadRequest("HTTP/1.0 requests cannot use Transfer-Encoding")
+    # The parser frames any Transfer-Encoding that ends in chunked; only a body can have one.
+    if request.body_exists and request.headers.get("Transfer-Encoding", "chunked").lower() != "chunked":
+        return NotImplementedCoding("Transfer-Encoding other than chunked is not supported")
     if has_dot_segment(raw_path):
         return BadRequest("the path has a . or .. segment; send it normalised")
     return None

@@ -128,3 +128,25 @@ async def test_http10_requests_are_still_served(sidecar_factory: SidecarFactory,
     assert [hit.target for hit in upstream.hits] == ["/x"]
 
 
+# Transfer codings other than chunked (issue 15, item 5b).
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"x-custom ,  chunked"])
+async def test_transfer_codings_other_than_chunked_get_501_and_are_closed(
+    sidecar_factory: SidecarFactory, upstream: Upstream, coding: bytes
+) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    request = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    answer = await raw_exchange(proxy.port, request)
+    assert_refused(answer, 501, "not_implemented", "Transfer-Encoding")
+    assert upstream.hits == []
+
+
+@pytest.mark.parametrize("coding", [b"chunked", b"Chunked"])
+async def test_chunked_alone_is_forwarded(sidecar_factory: SidecarFactory, upstream: Upstream, coding: bytes) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    request = (b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding
+               + b"\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert (await raw_exchange(proxy.port, request)).startswith(b"HTTP/1.1 200 ")
+    assert [hit.body for hit in upstream.hits] == [b"abc"]
+
+
