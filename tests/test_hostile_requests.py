@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import textwrap
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -148,5 +150,71 @@ async def test_chunked_alone_is_forwarded(sidecar_factory: SidecarFactory, upstr
                + b"\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
     assert (await raw_exchange(proxy.port, request)).startswith(b"HTTP/1.1 200 ")
     assert [hit.body for hit in upstream.hits] == [b"abc"]
+
+
+# Segments other servers resolve as `.` or `..`, and encoded slashes (issue 15, item 5c).
+
+Upstreams = Callable[[str], Awaitable[Upstream]]
+
+
+async def public_and_internal(sidecar_factory: SidecarFactory, upstream_factory: Upstreams, server: str = ""
+                              ) -> tuple[int, Upstream, Upstream]:
+    public = await upstream_factory("public")
+    internal = await upstream_factory("internal")
+    proxy = await sidecar_factory(server + textwrap.dedent(f"""
+        upstreams:
+          public: {{endpoints: ["{public.url}"]}}
+          internal: {{endpoints: ["{internal.url}"]}}
+        routes:
+          - {{name: public, match: {{path_prefix: /api/}}, upstream: public}}
+          - {{name: internal, match: {{path_prefix: /internal/}}, upstream: internal}}
+    """))
+    return proxy.port, public, internal
+
+
+@pytest.mark.parametrize("path", [
+    "/api/..;/internal/x", "/api/..;jsessionid=1/internal/x", "/api/%2e%2E;x=y/internal/x", "/api/.;/x",
+    "/api/..%2finternal/x", "/api/..%2Finternal/x", "/api/x%2f..%2f..%2finternal/x", "/api/..%5cinternal/x",
+    "/api/..%5Cinternal/x", "/api/..\\internal/x", "/api/x\\..\\..\\internal/x", "/api/%2e\\x",
+])
+async def test_dot_segments_in_the_shapes_other_servers_resolve_are_refused(
+    sidecar_factory: SidecarFactory, upstream_factory: Upstreams, path: str
+) -> None:
+    port, public, internal = await public_and_internal(sidecar_factory, upstream_factory)
+    answer = await raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert_refused(answer, 400, "bad_request", "segment")
+    assert public.hits == [] and internal.hits == []
+
+
+@pytest.mark.parametrize("path", [
+    "/api/a;b=c/d", "/api/a%2Fb", "/api/a%2fb", "/api/a%5Cb", "/api/..x;y/z", "/api/x.;/y", "/api/a;/..b",
+    "/api/q?next=/../x%2F",
+])
+async def test_paths_with_params_and_encoded_slashes_are_forwarded_as_sent_by_default(
+    sidecar_factory: SidecarFactory, upstream_factory: Upstreams, path: str
+) -> None:
+    port, public, internal = await public_and_internal(sidecar_factory, upstream_factory)
+    answer = await raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert [hit.target for hit in public.hits] == [path] and internal.hits == []
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    ("/api/a%2Fb", 400), ("/api/a%2fb", 400), ("/api/a%5Cb", 400), ("/api/a%5cb", 400),
+    ("/api/a/b?next=%2F", 200), ("/api/a%20b", 200),
+])
+async def test_escaped_slashes_reject_refuses_encoded_slashes_in_the_path(
+    sidecar_factory: SidecarFactory, upstream_factory: Upstreams, path: str, status: int
+) -> None:
+    port, public, internal = await public_and_internal(
+        sidecar_factory, upstream_factory, "server: {escaped_slashes: reject}\n")
+    answer = await raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    if status == 400:
+        assert_refused(answer, 400, "bad_request", "escaped_slashes")
+        assert public.hits == []
+    else:
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert [hit.target for hit in public.hits] == [path]
+    assert internal.hits == []
 
 
