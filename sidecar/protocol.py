@@ -9,6 +9,8 @@
   400 (no version: HTTP/0.9), and the connection is closed: nothing is forwarded, and no
   answer repeats a version the sidecar does not speak. Our answers to requests that did
   not parse say HTTP/1.1 (aiohttp's would say HTTP/1.0).
+- `server.underscore_headers: drop` removes header names with `_` as the request is parsed,
+  so nothing after sees them (`reject` is in request_checks.py).
 - Header-read timeout: a connection that starts a request must finish its headers
   within `server.header_timeout`, or it is closed (slowloris).
 - `server.listen_max_connections` caps open client connections per listener; a
@@ -22,10 +24,11 @@ import json
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config.schema import Server
 from sidecar.errors import BadRequest, CallerError, HttpVersionNotSupported
@@ -64,11 +67,18 @@ def _refused_version(version: HttpVersion) -> _ErrInfo:
     return _ErrInfo(status=error.status, exc=_Refused(error), message=error.message)
 
 
+def _without_underscored(message: RawRequestMessage) -> RawRequestMessage:
+    headers = CIMultiDict((name, value) for name, value in message.headers.items() if "_" not in name)
+    raw = tuple((name, value) for name, value in message.raw_headers if b"_" not in name)
+    return message._replace(headers=CIMultiDictProxy(headers), raw_headers=raw)
+
+
 class GuardedHandler(RequestHandler):
     """One client connection."""
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._guarded = manager  # its limits follow a reload
         self._limits = manager.limits
         self._header_timer: asyncio.TimerHandle | None = None
 
@@ -111,12 +121,15 @@ class GuardedHandler(RequestHandler):
         `handle_error` and closes the connection; its body is never read.
         """
         messages = self._messages
+        drop_underscored = self._guarded.limits.underscore_headers == "drop"
         for index in range(len(messages) - count, len(messages)):
-            message = messages[index][0]
+            message, payload = messages[index]
             if isinstance(message, _ErrInfo):
                 continue
             if message.version not in _HTTP1:
                 messages[index] = (_refused_version(message.version), EMPTY_PAYLOAD)
+            elif drop_underscored and any("_" in name for name in message.headers):
+                messages[index] = (_without_underscored(message), payload)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:

@@ -12,6 +12,8 @@
 - HTTP/1.0 with Transfer-Encoding has doubtful framing (RFC 9112 6.1): refused, closed.
   A transfer coding other than `chunked` alone (`gzip, chunked`) gets 501: the sidecar
   would forward the coded bytes as if they were the body.
+- `server.underscore_headers: reject` refuses a header name with `_`, which some servers
+  read as its `-` twin (`Content_Length`). (`drop` is done in protocol.py.)
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def refusal(request: web.BaseRequest, raw_path: str, limits: Server) -> CallerEr
         return BadRequest("the path has a . or .. segment (or one a server would read as such); send it normalised")
     if limits.escaped_slashes == "reject" and has_escaped_slash(raw_path):
         return BadRequest("the path has an encoded slash (%2F or %5C), refused by server.escaped_slashes")
+    if limits.underscore_headers == "reject" and (name := underscored_name(request)) is not None:
+        return BadRequest(f"the header name {name!r} has an underscore, refused by server.underscore_headers")
     return None
 
 
@@ -60,3 +64,6 @@ def has_escaped_slash(raw_path: str) -> bool:
     path = raw_path.split("?", 1)[0]
     return "%" in path and ("%2f" in (lower := path.lower()) or "%5c" in lower)
 
+
+def underscored_name(request: web.BaseRequest) -> str | None:
+    return next((name for name in request.headers if "_" in name), None)

@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.conftest import SidecarFactory, Upstream, raw_exchange, route_yaml
+from sidecar.config import parse_config
+from tests.conftest import SidecarFactory, Upstream, raw_exchange, route_yaml, with_test_listeners
 
 
 def answer_parts(answer: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -218,3 +219,45 @@ async def test_escaped_slashes_reject_refuses_encoded_slashes_in_the_path(
     assert internal.hits == []
 
 
+# Header names with underscores (issue 15, item 5d).
+
+UNDERSCORED = (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Normal: 1\r\nTransfer_Encoding: chunked\r\nContent_Length: 5\r\n"
+               b"Connection: close\r\n\r\n")
+
+
+async def test_underscore_headers_pass_through_by_default(sidecar_factory: SidecarFactory, upstream: Upstream) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    assert (await raw_exchange(proxy.port, UNDERSCORED)).startswith(b"HTTP/1.1 200 ")
+    [hit] = upstream.hits
+    assert (hit.headers["Transfer_Encoding"], hit.headers["Content_Length"], hit.headers["X-Normal"]) == (
+        "chunked", "5", "1")
+
+
+async def test_underscore_headers_drop_removes_them_on_the_way_upstream(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    proxy = await sidecar_factory("server: {underscore_headers: drop}\n" + route_yaml(upstream.url))
+    assert (await raw_exchange(proxy.port, UNDERSCORED)).startswith(b"HTTP/1.1 200 ")
+    [hit] = upstream.hits
+    assert [name for name in hit.headers if "_" in name] == []
+    assert hit.headers["X-Normal"] == "1"
+
+
+async def test_underscore_headers_reject_answers_400_naming_the_header(
+    sidecar_factory: SidecarFactory, upstream: Upstream
+) -> None:
+    proxy = await sidecar_factory("server: {underscore_headers: reject}\n" + route_yaml(upstream.url))
+    assert_refused(await raw_exchange(proxy.port, UNDERSCORED), 400, "bad_request", "Transfer_Encoding")
+    assert upstream.hits == []
+
+
+async def test_underscore_headers_mode_follows_a_reload(sidecar_factory: SidecarFactory, upstream: Upstream) -> None:
+    proxy = await sidecar_factory(route_yaml(upstream.url))
+    assert (await raw_exchange(proxy.port, UNDERSCORED)).startswith(b"HTTP/1.1 200 ")
+    for mode in ("drop", "reject"):
+        await proxy.sidecar.reload(parse_config(with_test_listeners(
+            f"server: {{underscore_headers: {mode}}}\n" + route_yaml(upstream.url)), {}))
+        answer = await raw_exchange(proxy.port, UNDERSCORED)
+        assert answer.startswith(b"HTTP/1.1 200 " if mode == "drop" else b"HTTP/1.1 400 "), mode
+    assert [sorted(name for name in hit.headers if "_" in name) for hit in upstream.hits] == [
+        ["Content_Length", "Transfer_Encoding"], []]

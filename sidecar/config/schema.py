@@ -153,6 +153,9 @@ class Server(_Section, frozen=True):
     max_headers: Positive = 100  # more gets 431
     # %2F and %5C in a path: keep forwards them as sent; reject answers 400 (Envoy's choice).
     escaped_slashes: Literal["keep", "reject"] = "keep"
+    # Header names with `_` (Transfer_Encoding): some servers read them as their `-` twin.
+    # allow forwards them; drop removes them on the way upstream; reject answers 400.
+    underscore_headers: Literal["allow", "drop", "reject"] = "allow"
 
 
 class Shutdown(_Section, frozen=True):
