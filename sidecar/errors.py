@@ -9,6 +9,8 @@
     |   +-- UriTooLong             414 uri_too_long: request line over server.max_request_line
     |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
+    |   +-- NotImplementedCoding   501 not_implemented: a transfer coding other than chunked
+    |   +-- HttpVersionNotSupported 505 http_version_not_supported: a request line other than HTTP/1.0 or 1.1
     +-- Shed                       refused to protect the upstream or the route; never retried
     |   +-- CircuitOpen            503 circuit_open: the breaker is open; Retry-After says when it probes
     |   +-- Overloaded             503 overloaded: the route's concurrency limit and queue are full
@@ -80,6 +82,18 @@ class RequestBodyTimeout(CallerError):
 class CallerGone(CallerError):
     kind = "caller_gone"
     status = 499
+
+
+class NotImplementedCoding(CallerError):
+    # 5xx although the caller's message is the cause: RFC 9112 6.1 names 501 for a transfer
+    # coding the server does not understand, and 505 is the status for an HTTP version.
+    kind = "not_implemented"
+    status = 501
+
+
+class HttpVersionNotSupported(CallerError):
+    kind = "http_version_not_supported"
+    status = 505
 
 
 class Shed(SidecarError):

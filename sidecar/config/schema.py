@@ -155,6 +155,11 @@ class Server(_Section, frozen=True):
     max_request_line: Size = size("8KiB")  # method, target and version: longer gets 414
     max_header_size: Size = size("8KiB")  # one header line: larger gets 431
     max_headers: Positive = 100  # more gets 431
+    # %2F and %5C in a path: keep forwards them as sent; reject answers 400 (Envoy's choice).
+    escaped_slashes: Literal["keep", "reject"] = "keep"
+    # Header names with `_` (Transfer_Encoding): some servers read them as their `-` twin.
+    # allow forwards them; drop removes them on the way upstream; reject answers 400.
+    underscore_headers: Literal["allow", "drop", "reject"] = "allow"
 
 
 class Shutdown(_Section, frozen=True):

@@ -83,13 +83,9 @@ def caller_limits(headers: CIMultiDictProxy[str]) -> tuple[int | None, float | N
     """x-sidecar-max-attempts and x-sidecar-timeout-ms: a caller may tighten its own request."""
     attempts = timeout = None
     if (value := headers.get(MAX_ATTEMPTS_HEADER)) is not None:
-        if not value.strip().isdigit() or int(value) < 1:
-            raise BadRequest(f"{MAX_ATTEMPTS_HEADER} must be a whole number of at least 1, got {value!r}")
-        attempts = int(value)
+        attempts = _whole_number(MAX_ATTEMPTS_HEADER, value, "a whole number of at least 1")
     if (value := headers.get(TIMEOUT_HEADER)) is not None:
-        if not value.strip().isdigit() or int(value) < 1:
-            raise BadRequest(f"{TIMEOUT_HEADER} must be a whole number of milliseconds above 0, got {value!r}")
-        timeout = int(value) / 1000
+        timeout = _whole_number(TIMEOUT_HEADER, value, "a whole number of milliseconds above 0") / 1000
     return attempts, timeout
 
 
@@ -108,6 +104,20 @@ def continue_sender(request: web.BaseRequest) -> Callable[[], None] | None:
             transport.write(CONTINUE)
 
     return send_continue
+
+
+# Digits a caller-limit header may have: 10**15 ms is 31,000 years and any count that large
+# is capped by the route anyway, while int() and float() of longer text can fail.
+_MAX_DIGITS = 15
+
+
+def _whole_number(name: str, value: str, what: str) -> int:
+    """`value` as an int of at least 1; ASCII digits only (str.isdigit() also takes "²" and Arabic-Indic digits)."""
+    digits = value.strip()
+    if 0 < len(digits) <= _MAX_DIGITS and digits.isascii() and digits.isdigit() and (number := int(digits)) >= 1:
+        return number
+    shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} characters)"
+    raise BadRequest(f"{name} must be {what}, in at most {_MAX_DIGITS} ASCII digits; got {shown}")
 
 
 def attempt_headers(call: Call) -> dict[str, str]:

@@ -207,6 +207,8 @@ class Sidecar:
             for address, open_ in self._listeners.items():
                 open_.listener.update(self._routes_on(address))
                 open_.listener.limits = config.server  # checks per request; parser sizes need a restart
+                if isinstance(guarded := open_.runner.server, GuardedServer):
+                    guarded.limits = config.server  # new connections, and server.underscore_headers at once
             self._listeners.update(opened)
             self._pools = pools
             if (config.admin_listen, config.metrics_listen) != (self.config.admin_listen, self.config.metrics_listen):

@@ -3,10 +3,17 @@
 - Only origin-form targets (`/path?query`): absolute-form (`GET http://elsewhere/`) and
   `*` are refused, and CONNECT is not allowed, so no caller can reach an address that is
   not in the config. The Host header only selects among configured routes.
-- Paths are matched exactly as sent, without decoding or normalising. A path with a `.`
-  or `..` segment, literal or percent-encoded (`%2e`), is refused: an upstream resolving
-  it could land outside the prefix the route matched.
+- Paths are matched exactly as sent, without decoding or normalising. A path with a
+  segment that some server resolves as `.` or `..` is refused: literal or percent-encoded
+  (`%2e`), with a `;params` suffix (Tomcat and Spring drop it: `..;`), or between `%2F`,
+  `%5C` or backslash separators (servers that decode them, or read a backslash as `/`).
+  An upstream resolving it could land outside the prefix the route matched.
+- `server.escaped_slashes: reject` refuses any `%2F` or `%5C` in the path.
 - HTTP/1.0 with Transfer-Encoding has doubtful framing (RFC 9112 6.1): refused, closed.
+  A transfer coding other than `chunked` alone (`gzip, chunked`) gets 501: the sidecar
+  would forward the coded bytes as if they were the body.
+- `server.underscore_headers: reject` refuses a header name with `_`, which some servers
+  read as its `-` twin (`Content_Length`). (`drop` is done in protocol.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.config.schema import Server
-from sidecar.errors import BadRequest, CallerError, MethodNotAllowed, UriTooLong
+from sidecar.errors import BadRequest, CallerError, MethodNotAllowed, NotImplementedCoding, UriTooLong
 
 _HTTP11 = (1, 1)
 
@@ -29,13 +36,34 @@ def refusal(request: web.BaseRequest, raw_path: str, limits: Server) -> CallerEr
         return UriTooLong(f"the request line is longer than {limits.max_request_line} bytes")
     if request.version < _HTTP11 and "Transfer-Encoding" in request.headers:
         return BadRequest("HTTP/1.0 requests cannot use Transfer-Encoding")
+    # The parser frames any Transfer-Encoding that ends in chunked; only a body can have one.
+    if request.body_exists and request.headers.get("Transfer-Encoding", "chunked").lower() != "chunked":
+        return NotImplementedCoding("Transfer-Encoding other than chunked is not supported")
     if has_dot_segment(raw_path):
-        return BadRequest("the path has a . or .. segment; send it normalised")
+        return BadRequest("the path has a . or .. segment (or one a server would read as such); send it normalised")
+    if limits.escaped_slashes == "reject" and has_escaped_slash(raw_path):
+        return BadRequest("the path has an encoded slash (%2F or %5C), refused by server.escaped_slashes")
+    if limits.underscore_headers == "reject" and (name := underscored_name(request)) is not None:
+        return BadRequest(f"the header name {name!r} has an underscore, refused by server.underscore_headers")
     return None
 
 
 def has_dot_segment(raw_path: str) -> bool:
     path = raw_path.split("?", 1)[0]
     if "." not in path and "%" not in path:
+        return False  # the usual path: no segment can be a dot segment
+    path = path.lower().replace("%2e", ".")
+    if "." not in path:
         return False
-    return any(segment.lower().replace("%2e", ".") in (".", "..") for segment in path.split("/"))
+    for separator in ("%2f", "%5c", "\\"):
+        path = path.replace(separator, "/")
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in path.split("/"))
+
+
+def has_escaped_slash(raw_path: str) -> bool:
+    path = raw_path.split("?", 1)[0]
+    return "%" in path and ("%2f" in (lower := path.lower()) or "%5c" in lower)
+
+
+def underscored_name(request: web.BaseRequest) -> str | None:
+    return next((name for name in request.headers if "_" in name), None)

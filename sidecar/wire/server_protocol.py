@@ -5,6 +5,12 @@
   gets a JSON 400 and the connection is closed, because its framing is in doubt.
   Over-long request lines get 414 and over-large or too many headers 431. Nothing is
   echoed back and no traceback is logged.
+- A request line whose version is not HTTP/1.0 or 1.1 gets 505 (HTTP/2.0 and later) or
+  400 (no version: HTTP/0.9), and the connection is closed: nothing is forwarded, and no
+  answer repeats a version the sidecar does not speak. Our answers to requests that did
+  not parse say HTTP/1.1 (aiohttp's would say HTTP/1.0).
+- `server.underscore_headers: drop` removes header names with `_` as the request is parsed,
+  so nothing after sees them (`reject` is in request_checks.py).
 - Header-read timeout: a connection that starts a request must finish its headers
   within `server.header_timeout`, or it is closed (slowloris).
 - `server.listen_max_connections` caps open client connections per listener; a
@@ -18,14 +24,25 @@ import json
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config.schema import Server
+from sidecar.errors import BadRequest, CallerError, HttpVersionNotSupported
+
+_HTTP1 = (HttpVersion11, HttpVersion10)
+_HTTP09 = HttpVersion(0, 9)
+
+
+def _error_body(kind: str, message: str) -> str:
+    return json.dumps({"error": kind, "message": message, "route": None, "retryable": False, "attempts": 0})
 
 
 def _error(status: int, kind: str, message: str) -> bytes:
-    body = json.dumps({"error": kind, "message": message, "route": None, "retryable": False, "attempts": 0})
+    body = _error_body(kind, message)
     reason = {400: "Bad Request", 414: "URI Too Long", 431: "Request Header Fields Too Large",
               503: "Service Unavailable"}[status]
     return (
@@ -34,11 +51,34 @@ def _error(status: int, kind: str, message: str) -> bytes:
     ).encode()
 
 
+class _Refused(Exception):
+    """A message that parsed but is refused before it becomes a request (see `_screen`)."""
+
+    def __init__(self, error: CallerError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _refused_version(version: HttpVersion) -> _ErrInfo:
+    if version == _HTTP09:  # what the C parser makes of a request line without a version
+        error: CallerError = BadRequest("the request line has no HTTP/1.x version (HTTP/0.9 is not supported)")
+    else:
+        error = HttpVersionNotSupported(f"HTTP/{version.major}.{version.minor} is not supported: use HTTP/1.1")
+    return _ErrInfo(status=error.status, exc=_Refused(error), message=error.message)
+
+
+def _without_underscored(message: RawRequestMessage) -> RawRequestMessage:
+    headers = CIMultiDict((name, value) for name, value in message.headers.items() if "_" not in name)
+    raw = tuple((name, value) for name, value in message.raw_headers if b"_" not in name)
+    return message._replace(headers=CIMultiDictProxy(headers), raw_headers=raw)
+
+
 class GuardedHandler(RequestHandler):
     """One client connection."""
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._guarded = manager  # its limits follow a reload
         self._limits = manager.limits
         self._header_timer: asyncio.TimerHandle | None = None
 
@@ -61,8 +101,7 @@ class GuardedHandler(RequestHandler):
     def _headers_too_slow(self, count: int) -> None:
         self._header_timer = None
         if self._request_count == count and not self._request_in_progress and self.transport is not None:
-            self.force_close()
-            self.transport.close()
+            self.force_close()  # closes the transport, and sets self.transport to None
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
@@ -71,8 +110,26 @@ class GuardedHandler(RequestHandler):
             if self._header_timer is not None:  # the headers are complete
                 self._header_timer.cancel()
                 self._header_timer = None
+            self._screen(self._request_count - before)
         elif self._header_timer is None and not self._request_in_progress and not self._messages:
             self._start_header_timer()  # the first bytes of the next request on a kept-alive connection
+
+    def _screen(self, count: int) -> None:
+        """Check the `count` messages just parsed (the queue's last ones) before they become requests.
+
+        A refused one is replaced by a parse error, so aiohttp answers it through
+        `handle_error` and closes the connection; its body is never read.
+        """
+        messages = self._messages
+        drop_underscored = self._guarded.limits.underscore_headers == "drop"
+        for index in range(len(messages) - count, len(messages)):
+            message, payload = messages[index]
+            if isinstance(message, _ErrInfo):
+                continue
+            if message.version not in _HTTP1:
+                messages[index] = (_refused_version(message.version), EMPTY_PAYLOAD)
+            elif drop_underscored and any("_" in name for name in message.headers):
+                messages[index] = (_without_underscored(message), payload)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
@@ -84,9 +141,11 @@ class GuardedHandler(RequestHandler):
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if status != 400 or not isinstance(exc, BadHttpMessage):
+        if isinstance(exc, _Refused):
+            status, kind, text = exc.error.status, exc.error.kind, exc.error.message
+        elif status != 400 or not isinstance(exc, BadHttpMessage):
             return super().handle_error(request, status, exc, message)
-        if isinstance(exc, LineTooLong):
+        elif isinstance(exc, LineTooLong):
             # The request line is checked against server.max_request_line by the proxy (414); the
             # parser's own cap on it is a hard backstop and reports the line as a bytearray.
             if exc.args and isinstance(exc.args[0], bytearray):
@@ -95,9 +154,18 @@ class GuardedHandler(RequestHandler):
                 status, kind, text = (431, "header_too_large", "a request header is too large")
         elif "Too many headers" in str(exc):
             status, kind, text = (431, "header_too_large", "the request has too many headers")
+        elif isinstance(exc, BadStatusLine) and "Invalid HTTP version" in str(exc):
+            # The C parser's word for a well-formed HTTP/d.d it does not know (HTTP/3.0);
+            # the pure-Python parser passes those on to _screen.
+            status, kind, text = (HttpVersionNotSupported.status, HttpVersionNotSupported.kind,
+                                  "the request line's HTTP version is not supported: use HTTP/1.1")
         else:
             kind, text = "bad_request", "the request is not valid HTTP/1.1 (its framing is in doubt)"
-        response = web.Response(status=status, body=_error(status, kind, text).split(b"\r\n\r\n", 1)[1],
+        # The request is aiohttp's stand-in for a message that did not parse, and it says
+        # HTTP/1.0; the status line is written in the request's version.
+        request._version = HttpVersion11
+        request._cache.pop("version", None)
+        response = web.Response(status=status, body=_error_body(kind, text).encode(),
                                 content_type="application/json", headers={"x-sidecar-error": kind})
         response.force_close()
         return response
