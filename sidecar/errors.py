@@ -7,10 +7,11 @@
     |   +-- MethodNotAllowed       405 method_not_allowed: CONNECT (this is not a forward proxy)
     |   +-- PayloadTooLarge        413 payload_too_large: body over the route's limits.max_body
     |   +-- UriTooLong             414 uri_too_long: request line over server.max_request_line
+    |   +-- HeaderTooLarge         431 header_too_large: a header over server.max_header_size, or too many
     |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
     |   +-- NotImplementedCoding   501 not_implemented: a transfer coding other than chunked
-    |   +-- HttpVersionNotSupported 505 http_version_not_supported: a request line other than HTTP/1.0 or 1.1
+    |   +-- HttpVersionNotSupported  505 http_version_not_supported: a request line other than HTTP/1.0 or 1.1
     +-- Shed                       refused to protect the upstream or the route; never retried
     |   +-- CircuitOpen            503 circuit_open: the breaker is open; Retry-After says when it probes
     |   +-- Overloaded             503 overloaded: the route's concurrency limit and queue are full
@@ -72,6 +73,11 @@ class PayloadTooLarge(CallerError):
 class UriTooLong(CallerError):
     kind = "uri_too_long"
     status = 414
+
+
+class HeaderTooLarge(CallerError):
+    kind = "header_too_large"
+    status = 431
 
 
 class RequestBodyTimeout(CallerError):

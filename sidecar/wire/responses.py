@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from aiohttp import web
 
 from sidecar.config.schema import Fallback
@@ -31,3 +33,22 @@ def error_response(
         status=error.status, body=error_document(error, route, attempts), content_type="application/json",
         headers=headers,
     )
+
+
+def refusal_response(error: SidecarError) -> web.Response:
+    """A request refused before it had a route (its framing or version in doubt): the connection closes."""
+    response = web.Response(
+        status=error.status, body=error_document(error, None), content_type="application/json",
+        headers={ERROR_HEADER: error.kind},
+    )
+    response.force_close()
+    return response
+
+
+def raw_refusal(error: SidecarError) -> bytes:
+    """The same answer as bytes, for a connection refused before aiohttp's request machinery runs."""
+    body = error_document(error, None)
+    return (
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{ERROR_HEADER}: {error.kind}\r\nConnection: close\r\n\r\n"
+    ).encode() + body

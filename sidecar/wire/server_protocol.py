@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
@@ -31,24 +30,19 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config.schema import Server
-from sidecar.errors import BadRequest, CallerError, HttpVersionNotSupported
+from sidecar.errors import (
+    BadRequest,
+    CallerError,
+    HeaderTooLarge,
+    HttpVersionNotSupported,
+    Overloaded,
+    SidecarError,
+    UriTooLong,
+)
+from sidecar.wire.responses import raw_refusal, refusal_response
 
 _HTTP1 = (HttpVersion11, HttpVersion10)
 _HTTP09 = HttpVersion(0, 9)
-
-
-def _error_body(kind: str, message: str) -> str:
-    return json.dumps({"error": kind, "message": message, "route": None, "retryable": False, "attempts": 0})
-
-
-def _error(status: int, kind: str, message: str) -> bytes:
-    body = _error_body(kind, message)
-    reason = {400: "Bad Request", 414: "URI Too Long", 431: "Request Header Fields Too Large",
-              503: "Service Unavailable"}[status]
-    return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"x-sidecar-error: {kind}\r\nConnection: close\r\n\r\n{body}"
-    ).encode()
 
 
 class _Refused(Exception):
@@ -88,7 +82,7 @@ class GuardedHandler(RequestHandler):
         assert isinstance(manager, GuardedServer)
         if len(manager.connections) > self._limits.listen_max_connections:
             assert isinstance(transport, asyncio.Transport)
-            transport.write(_error(503, "overloaded", "the sidecar has too many client connections"))
+            transport.write(raw_refusal(Overloaded("the sidecar has too many client connections", "connections")))
             self.force_close()
             transport.close()
             return
@@ -141,34 +135,31 @@ class GuardedHandler(RequestHandler):
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        error: SidecarError
         if isinstance(exc, _Refused):
-            status, kind, text = exc.error.status, exc.error.kind, exc.error.message
+            error = exc.error
         elif status != 400 or not isinstance(exc, BadHttpMessage):
             return super().handle_error(request, status, exc, message)
         elif isinstance(exc, LineTooLong):
             # The request line is checked against server.max_request_line by the proxy (414); the
             # parser's own cap on it is a hard backstop and reports the line as a bytearray.
             if exc.args and isinstance(exc.args[0], bytearray):
-                status, kind, text = (414, "uri_too_long", "the request line is too long")
+                error = UriTooLong("the request line is too long")
             else:
-                status, kind, text = (431, "header_too_large", "a request header is too large")
+                error = HeaderTooLarge("a request header is too large")
         elif "Too many headers" in str(exc):
-            status, kind, text = (431, "header_too_large", "the request has too many headers")
+            error = HeaderTooLarge("the request has too many headers")
         elif isinstance(exc, BadStatusLine) and "Invalid HTTP version" in str(exc):
             # The C parser's word for a well-formed HTTP/d.d it does not know (HTTP/3.0);
             # the pure-Python parser passes those on to _screen.
-            status, kind, text = (HttpVersionNotSupported.status, HttpVersionNotSupported.kind,
-                                  "the request line's HTTP version is not supported: use HTTP/1.1")
+            error = HttpVersionNotSupported("the request line's HTTP version is not supported: use HTTP/1.1")
         else:
-            kind, text = "bad_request", "the request is not valid HTTP/1.1 (its framing is in doubt)"
+            error = BadRequest("the request is not valid HTTP/1.1 (its framing is in doubt)")
         # The request is aiohttp's stand-in for a message that did not parse, and it says
         # HTTP/1.0; the status line is written in the request's version.
         request._version = HttpVersion11
         request._cache.pop("version", None)
-        response = web.Response(status=status, body=_error_body(kind, text).encode(),
-                                content_type="application/json", headers={"x-sidecar-error": kind})
-        response.force_close()
-        return response
+        return refusal_response(error)
 
 
 class GuardedServer(web.Server):
