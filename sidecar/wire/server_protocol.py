@@ -100,13 +100,19 @@ class GuardedHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         before = self._request_count
         super().data_received(data)
-        if self._request_count > before:
+        if (count := self._request_count - before) > 0:
             if self._header_timer is not None:  # the headers are complete
                 self._header_timer.cancel()
                 self._header_timer = None
-            self._screen(self._request_count - before)
+            # The usual case, one HTTP/1.1 request (the parser hands out one version object),
+            # skips the screen's loop: this runs for every request.
+            if count > 1 or self._messages[-1][0].version is not HttpVersion11 or self._drops_underscored():
+                self._screen(count)
         elif self._header_timer is None and not self._request_in_progress and not self._messages:
             self._start_header_timer()  # the first bytes of the next request on a kept-alive connection
+
+    def _drops_underscored(self) -> bool:
+        return self._guarded.limits.underscore_headers == "drop"
 
     def _screen(self, count: int) -> None:
         """Check the `count` messages just parsed (the queue's last ones) before they become requests.
@@ -115,7 +121,7 @@ class GuardedHandler(RequestHandler):
         `handle_error` and closes the connection; its body is never read.
         """
         messages = self._messages
-        drop_underscored = self._guarded.limits.underscore_headers == "drop"
+        drop_underscored = self._drops_underscored()
         for index in range(len(messages) - count, len(messages)):
             message, payload = messages[index]
             if isinstance(message, _ErrInfo):
