@@ -106,7 +106,9 @@ class GuardedHandler(RequestHandler):
                 self._header_timer = None
             # The usual case, one HTTP/1.1 request (the parser hands out one version object),
             # skips the screen's loop: this runs for every request.
-            if count > 1 or self._messages[-1][0].version is not HttpVersion11 or self._drops_underscored():
+            last = self._messages[-1][0]
+            usual = count == 1 and not isinstance(last, _ErrInfo) and last.version is HttpVersion11
+            if not usual or self._drops_underscored():
                 self._screen(count)
         elif self._header_timer is None and not self._request_in_progress and not self._messages:
             self._start_header_timer()  # the first bytes of the next request on a kept-alive connection
