@@ -20,6 +20,7 @@ from sidecar.metrics import RouteMetrics
 from sidecar.relay import relay
 from sidecar.request_checks import refusal
 from sidecar.stack import RouteState
+from sidecar.websocket import Tunnel, Tunnels, websocket_upgrade
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -109,6 +110,7 @@ class Listener:
         # While draining, every answer says Connection: close, so callers stop reusing
         # connections before the listener stops accepting.
         self.draining = False
+        self.tunnels = Tunnels()  # open WebSocket connections, closed with 1001 at the end of a shutdown
 
     def update(self, routes: list[ActiveRoute]) -> None:
         """Swap in a reloaded route table at once; requests in flight finish on the one they matched."""
@@ -144,9 +146,11 @@ class Listener:
             headers=upstream_request_headers(request.headers, request.remote, request.scheme, request_id),
             body=CallerBody(request.content, spec.timeouts.idle, spec.limits.max_body) if request.body_exists else None,
         )
+        tunnel: Tunnel | None = None
         try:
             try:
                 call.max_attempts, call.timeout = caller_limits(request.headers)
+                call.upgrade = websocket_upgrade(request, spec.websocket, call.headers)
                 if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
                     raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")
                 upstream = await route.handler(call)
@@ -165,6 +169,9 @@ class Listener:
                 internal = SidecarError("the sidecar failed unexpectedly")
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
+            if call.upgrade and status == 101:
+                tunnel = Tunnel(request, upstream, spec.timeouts.idle, metrics, self.tunnels)
+                return await tunnel.run(request_id, attempt_headers(call))
             return await relay(
                 request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), not self.draining
             )
@@ -183,4 +190,5 @@ class Listener:
                     request_id, spec.name, request.method, raw_path, status, duration, call.upstream_seconds,
                     call.attempts, call.endpoint.base if call.endpoint else None,
                     breaker.state if breaker else None, error_kind,
+                    (tunnel.bytes_in, tunnel.bytes_out) if tunnel else None,
                 )
