@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import base64
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,9 +18,20 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
 from sidecar.websocket import _Frames
-from tests.conftest import Gate, RunningSidecar, SidecarFactory, Upstream, answering, route_yaml, wait_until
+from tests.conftest import (
+    Gate,
+    RawBehaviour,
+    RunningSidecar,
+    SidecarFactory,
+    Upstream,
+    answering,
+    route_yaml,
+    wait_until,
+    with_test_listeners,
+)
 
 QUIET = {"compression": None, "ping_interval": None, "max_size": None}  # byte counts stay exact
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 4.2.2
 
 
 @dataclass
@@ -246,6 +260,59 @@ async def test_drain_closes_open_websockets_with_going_away(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     await wait_until(lambda: ws_upstream.close_codes == [1001])  # the upstream was told too
     assert gauge(sidecar) == 0
+
+
+async def test_a_listener_dropped_by_a_reload_closes_its_websockets_with_going_away(
+    ws_upstream: WsUpstream, sidecar_factory: SidecarFactory, tmp_path: Path
+) -> None:
+    routes = f"""
+shutdown: {{drain_delay: 10ms, timeout: 200ms}}
+upstreams:
+  up: {{endpoints: ["{ws_upstream.url}"]}}
+routes:
+  - {{name: main, match: {{path_prefix: /}}, upstream: up}}
+"""
+    config_file = tmp_path / "sidecar.yaml"
+    sidecar = await sidecar_factory(
+        routes + "  - {name: own, listen: 127.0.0.2:0, upstream: up}\n", config_file=config_file
+    )
+    own = next(address for address in sidecar.sidecar.bound if address != sidecar.sidecar.config.listen)
+    host, port = sidecar.sidecar.bound[own]
+    async with connect(f"ws://{host}:{port}/", **QUIET, open_timeout=5) as ws:  # type: ignore[arg-type]
+        await ws.send("before")
+        assert await ws.recv() == "before"
+        config_file.write_text(with_test_listeners(routes))
+        await sidecar.sidecar.reload_from_file()
+        async with asyncio.timeout(5):
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+async def test_an_upstream_that_closes_right_after_its_101_is_relayed_whole(
+    raw_upstream: Callable[[RawBehaviour], Awaitable[int]], sidecar_factory: SidecarFactory
+) -> None:
+    async def accept_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                   if line.lower().startswith("sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        writer.write(
+            f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+            + b"\x81\x03bye" + b"\x88\x02\x03\xe8"  # a text frame and a close frame (1000), same segment
+        )
+        await writer.drain()
+
+    port = await raw_upstream(accept_then_close)
+    sidecar = await sidecar_factory(route_yaml(f"http://127.0.0.1:{port}"))
+    async with open_ws(sidecar) as ws:
+        assert await ws.recv() == "bye"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+    await wait_until(lambda: len(sidecar.access_log()) == 1)
+    assert sidecar.access_log()[0]["bytes_out"] == 5 + 4
 
 
 async def test_route_with_websocket_false_forwards_plain_http(
