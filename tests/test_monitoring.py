@@ -454,7 +454,7 @@ async def test_scrape_of_a_sidecar_in_every_state_passes_promtool_check_metrics(
 
 # Traffic and the admin API reach every catalogue metric (none is left out) and these label values.
 # The event-stream overflow is the one state driven from inside (see overflow_an_event_stream).
-ZERO_IS_RIGHT = {"sidecar_in_flight_requests"}
+ZERO_IS_RIGHT = {"sidecar_in_flight_requests", "sidecar_websocket_connections"}
 EXPECTED_SAMPLES: list[tuple[str, dict[str, str]]] = [
     ("sidecar_requests_total", {"route": "main", "method": "GET", "code": "200"}),
     ("sidecar_requests_total", {"route": "main", "method": "GET", "code": "404"}),

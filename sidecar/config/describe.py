@@ -53,6 +53,7 @@ def _describe(config: Config) -> dict[str, Any]:
                 "listen": str(route.listen),
                 "match": {"path_prefix": route.path_prefix, "host": route.host},
                 "strip_prefix": route.strip_prefix,
+                "websocket": route.websocket,
                 "upstream": {
                     "name": route.upstream.name,
                     "endpoints": [e.base for e in route.upstream.endpoints],

@@ -61,6 +61,7 @@ class RouteSpec:
     circuit_breaker: CircuitBreaker
     limits: Limits
     fallback: Fallback | None
+    websocket: bool = True  # tunnel WebSocket upgrades
 
 
 @dataclass(frozen=True, slots=True)

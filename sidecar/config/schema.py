@@ -105,6 +105,8 @@ class Route(Policies, frozen=True, kw_only=True):
     match: Match | None = None
     listen: str | None = None
     strip_prefix: bool = False
+    # Tunnel WebSocket upgrades (Connection: Upgrade, Upgrade: websocket); false: they go on as plain HTTP.
+    websocket: bool = True
     fallback: Fallback | None = None
 
 

@@ -3,6 +3,7 @@
 An attempt is retried when its failure is listed in `retries.on` AND every one of these holds
 (else the reason is counted in sidecar_retries_skipped_total and the failure goes back as is):
   attempts_exhausted    tries left (route's `attempts`, or the caller's lower x-sidecar-max-attempts)
+  upgrade               a WebSocket handshake is retried only on connect-failure (provably unsent)
   non_idempotent        GET/HEAD/OPTIONS/PUT/DELETE/TRACE; other methods only on connect-failure
                         (provably unsent), with an Idempotency-Key, or with `non_idempotent: true`
   body_too_large        the body can be sent again: buffered (<= max_body) or not yet started
@@ -123,6 +124,8 @@ def _fits(call: Call, max_body: int) -> bool:
 def _why_not(call: Call, attempts: int, reason: str, policy: Retries) -> str | None:
     if call.attempts >= attempts:
         return "attempts_exhausted"
+    if call.upgrade and reason != "connect-failure":
+        return "upgrade"
     if (
         call.method not in IDEMPOTENT
         and reason != "connect-failure"

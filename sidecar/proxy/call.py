@@ -25,6 +25,7 @@ class Call:
     # it may only tighten the route's policy.
     max_attempts: int | None = None
     timeout: float | None = None
+    upgrade: bool = False  # a WebSocket handshake: retried only when the connect failed
     deadline: float = math.inf  # loop time by which response headers must have arrived
     # Filled in by the forward step, read by retries and for the response headers.
     attempts: int = 0

@@ -22,6 +22,7 @@ from sidecar.wire.headers import request_id_of, upstream_request_headers
 from sidecar.wire.relay import relay
 from sidecar.wire.request_checks import refusal
 from sidecar.wire.responses import error_response
+from sidecar.wire.websocket import Tunnel, Tunnels, websocket_upgrade
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -138,6 +139,7 @@ class Listener:
         # While draining, every answer says Connection: close, so callers stop reusing
         # connections before the listener stops accepting.
         self.draining = False
+        self.tunnels = Tunnels()  # open WebSocket connections, closed with 1001 at the end of a shutdown
 
     def update(self, routes: list[ActiveRoute]) -> None:
         """Swap in a reloaded route table at once; requests in flight finish on the one they matched."""
@@ -175,9 +177,11 @@ class Listener:
                 request.content, spec.timeouts.idle, spec.limits.max_body, continue_sender(request)
             ) if request.body_exists else None,
         )
+        tunnel: Tunnel | None = None
         try:
             try:
                 call.max_attempts, call.timeout = caller_limits(request.headers)
+                call.upgrade = websocket_upgrade(request, spec.websocket, call.headers)
                 if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
                     raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")
                 upstream = await route.handler(call)
@@ -196,6 +200,9 @@ class Listener:
                 internal = SidecarError("the sidecar failed unexpectedly")
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
+            if call.upgrade and status == 101:
+                tunnel = Tunnel(request, upstream, spec.timeouts.idle, metrics, self.tunnels)
+                return await tunnel.run(request_id, attempt_headers(call))
             # An answer that came before the caller's body was all read (a 401 to an upload the
             # upstream never read) is relayed as it is, and the caller's connection closes after
             # it: the rest of that body is not worth reading.
@@ -216,4 +223,5 @@ class Listener:
                     request_id, spec.name, request.method, raw_path, status, duration, call.upstream_seconds,
                     call.attempts, call.endpoint.base if call.endpoint else None,
                     breaker.state if breaker else None, error_kind,
+                    (tunnel.bytes_in, tunnel.bytes_out) if tunnel else None,
                 )

@@ -233,9 +233,19 @@ class Sidecar:
     def _drain_in_background(self, open_: OpenListener) -> None:
         """A listener the new config dropped: stop accepting, let its requests finish."""
         open_.listener.draining = True
-        task = asyncio.create_task(open_.runner.cleanup())
+        task = asyncio.create_task(self._close_listener(open_))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
+
+    async def _close_listener(self, open_: OpenListener) -> None:
+        """Stop accepting and let requests finish for up to shutdown.timeout; WebSocket connections
+        are open-ended, so when that time is up they are closed with 1001 (going away)."""
+        loop = asyncio.get_running_loop()
+        going_away = loop.call_later(self.config.shutdown.timeout, open_.listener.tunnels.go_away)
+        try:
+            await open_.runner.cleanup()
+        finally:
+            going_away.cancel()
 
     async def drain_and_stop(self) -> None:
         """SIGTERM: not ready at once, keep serving for drain_delay, then stop (in-flight get shutdown.timeout)."""
@@ -251,7 +261,7 @@ class Sidecar:
         self.events.close()  # ends /api/v1/events streams so the admin runner can stop
         # All traffic listeners at once: stop accepting, close idle keep-alives, wait for
         # in-flight requests up to shutdown.timeout, then cancel what is left (open streams).
-        await asyncio.gather(*(open_.runner.cleanup() for open_ in self._listeners.values()), *self._draining)
+        await asyncio.gather(*(self._close_listener(open_) for open_ in self._listeners.values()), *self._draining)
         self._listeners.clear()
         for runner in self._service_runners:
             await runner.cleanup()

@@ -44,6 +44,10 @@ class Metrics:
             "sidecar_in_flight_requests", "Requests being handled now.", ["route"], registry=registry,
             multiprocess_mode="livesum",
         )
+        self.websocket_connections = Gauge(
+            "sidecar_websocket_connections", "WebSocket connections open now (after the upstream's 101).", ["route"],
+            registry=registry, multiprocess_mode="livesum",
+        )
         self.attempts = Counter(
             "sidecar_upstream_attempts", "Attempts sent upstream, by outcome.", ["route", "outcome"], registry=registry,
         )
@@ -202,7 +206,7 @@ class RouteMetrics:
 
     __slots__ = (
         "_answered", "_attempt_children", "_attempt_duration", "_attempts", "_duration", "_in_flight_gauge",
-        "_metrics", "_name", "_request_children", "in_flight",
+        "_metrics", "_name", "_request_children", "_websocket_gauge", "in_flight",
     )
 
     def __init__(self, metrics: Metrics, name: str) -> None:
@@ -216,6 +220,7 @@ class RouteMetrics:
         self._duration = HistogramTally(metrics.duration.labels(name))
         self._attempt_duration = HistogramTally(metrics.attempt_duration.labels(name))
         self._in_flight_gauge = metrics.in_flight.labels(name)
+        self._websocket_gauge = metrics.websocket_connections.labels(name)  # every route shows 0 from the start
 
     def started(self) -> None:
         self.in_flight += 1
@@ -268,6 +273,12 @@ class RouteMetrics:
 
     def limit_rejected(self, limit: str) -> None:
         self._metrics.limit_rejections.labels(self._name, limit).inc()
+
+    def websocket_opened(self) -> None:
+        self._websocket_gauge.inc()
+
+    def websocket_closed(self) -> None:
+        self._websocket_gauge.dec()
 
 
 def _fold(tallies: dict[K, int], children: dict[K, Counter], child_of: Callable[[K], Counter]) -> None:

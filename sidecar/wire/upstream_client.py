@@ -191,6 +191,10 @@ class UpstreamResponse:
         else:
             connection.abort()  # body unread or broken, or bytes past its end: framing unknown
 
+    def detach(self) -> Connection:
+        """Hand the connection over for good (a WebSocket tunnel after `101`): never pooled again."""
+        return self._connection
+
     def close(self) -> None:
         """Drop the connection at once (the caller left, or the body broke)."""
         if self._sending is not None:
