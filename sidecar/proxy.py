@@ -16,6 +16,7 @@ from sidecar.config import RouteSpec
 from sidecar.config.schema import Server
 from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError, error_response
 from sidecar.headers import request_id_of, upstream_request_headers
+from sidecar.hosts import host_of
 from sidecar.metrics import RouteMetrics
 from sidecar.relay import relay
 from sidecar.request_checks import refusal
@@ -38,14 +39,6 @@ class ActiveRoute:
     spec: RouteSpec
     handler: Handler
     state: RouteState
-
-
-def host_of(host_header: str) -> str:
-    """`Example.COM:8080` -> `example.com`; `[::1]:80` -> `[::1]`."""
-    host = host_header.lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1]
-    return host.rsplit(":", 1)[0] if ":" in host else host
 
 
 class RouteTable:

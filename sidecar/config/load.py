@@ -20,6 +20,7 @@ from sidecar.config import schema
 from sidecar.config.model import Address, Config, Endpoint, RouteSpec, UpstreamSpec
 from sidecar.config.source import ConfigError, Lines, expand_env, parse_yaml, redact, where
 from sidecar.config.units import decode_hook
+from sidecar.hosts import host_of
 
 T = TypeVar("T")
 _MSGSPEC_PATH = re.compile(r"^(.*) - at `(\$[^`]*)`$")
@@ -120,7 +121,10 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
             raise ConfigError(f"route `{route.name}` needs `match` or its own `listen` {where(path, lines)}")
         listen = main if route.listen is None else _address(route.listen, path + ".listen", lines)
         match = route.match or schema.Match()
-        host = match.host.lower().rsplit(":", 1)[0] if match.host else None
+        host = host_of(match.host) if match.host else None
+        if host is not None and host.strip("[]") == "":
+            raise ConfigError(f"invalid match.host {match.host!r}: write a host name or IP address "
+                              f"{where(path + '.match.host', lines)}")
         key = (listen, host, match.path_prefix)
         if key in claimed:
             raise ConfigError(
