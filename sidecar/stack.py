@@ -19,8 +19,8 @@ from sidecar.layers.breaker import RouteBreaker, breaker_layer
 from sidecar.layers.deadline import deadline_layer
 from sidecar.layers.limit import Bulkhead, limit_layer
 from sidecar.layers.retry import retry_layer
-from sidecar.layers.retry_budget import RetryBudget
 from sidecar.metrics import RouteMetrics
+from sidecar.policy.retry_budget import RetryBudget
 from sidecar.upstream_client import UpstreamClient
 
 

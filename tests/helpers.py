@@ -1,6 +1,10 @@
-"""Small helpers shared by tests that are not fixtures: fake clocks and HTTP one-liners."""
+"""Small helpers shared by tests that are not fixtures: fake clocks, a virtual-time loop."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
 class FakeClock:
@@ -14,3 +18,46 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock only moves when a test says so (`advance`), for loop timers
+    (call_at, asyncio.timeout) without real waiting. Timers due at the new time run on the
+    next loop iteration; `settle()` gives them and what they wake a few iterations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+        self.timers_set = 0  # call_at/call_later calls: how many loop timers code asked for
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:
+        self.timers_set += 1
+        return super().call_at(when, callback, *args, context=context)
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        await settle()
+
+
+async def settle(iterations: int = 10) -> None:
+    """Let ready callbacks and woken tasks run (a bounded number of loop iterations)."""
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+
+
+def run_virtual(test: Callable[[VirtualClockLoop], Coroutine[Any, Any, None]]) -> None:
+    """Run `test(loop)` to completion on a fresh VirtualClockLoop; it must not wait on a timer
+    it has not advanced to (the loop would spin until pytest-timeout)."""
+    loop = VirtualClockLoop()
+    try:
+        loop.run_until_complete(test(loop))
+    finally:
+        left = asyncio.all_tasks(loop)  # a failed test leaves tasks behind: end them quietly
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        loop.close()

@@ -42,8 +42,8 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.events import EventBus
-from sidecar.layers.failure_rate import FailureRateWindow
 from sidecar.metrics import RouteMetrics
+from sidecar.policy.failure_rate import FailureRateWindow
 from sidecar.timestamps import iso, iso_now
 from sidecar.upstream_client import UpstreamResponse
 
