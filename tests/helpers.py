@@ -1,10 +1,39 @@
-"""Small helpers shared by tests that are not fixtures: fake clocks, a virtual-time loop."""
+"""Helpers shared by tests that are not fixtures: one-line HTTP calls, fake clocks, a
+virtual-time event loop. (Fixtures, the scriptable upstream and `wait_until` are in conftest.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+
+async def get(client: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, str, CIMultiDictProxy[str]]:
+    """GET `url`: status, body text, headers."""
+    async with client.get(url, **kwargs) as response:
+        return response.status, await response.text(), response.headers
+
+
+async def status_of(
+    client: aiohttp.ClientSession, url: str, method: str = "GET", **kwargs: Any
+) -> tuple[int, str | None]:
+    """The status and the x-sidecar-error kind (None for an upstream's own answer); the body is read."""
+    async with client.request(method, url, **kwargs) as response:
+        await response.read()
+        return response.status, response.headers.get("x-sidecar-error")
+
+
+async def statuses(client: aiohttp.ClientSession, url: str, count: int) -> list[int]:
+    """The statuses of `count` GETs of `url`, one after another."""
+    result = []
+    for _ in range(count):
+        async with client.get(url) as response:
+            await response.read()
+            result.append(response.status)
+    return result
 
 
 class FakeClock:

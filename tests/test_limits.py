@@ -9,12 +9,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, answering, drop_connection, wait_until
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
-    async with client.get(url) as response:
-        await response.read()
-        return response.status, response.headers.get("x-sidecar-error")
+from tests.helpers import status_of
 
 
 def limited(upstream: Upstream, limits: str) -> str:

@@ -33,10 +33,11 @@ Outcome = UpstreamResponse | UpstreamError
 
 def retry_layer(
     route: str, policy: Retries, budget: RetryBudget, metrics: RouteMetrics, events: EventBus,
-    jitter: Jitter = random.uniform, wall_clock: Callable[[], float] = time.time,
+    jitter: Jitter | None = None, wall_clock: Callable[[], float] = time.time,
 ) -> Layer:
     if policy.attempts <= 1:
         return passthrough
+    jitter = random.uniform if jitter is None else jitter  # looked up now, so a test can replace it
     on_errors = frozenset(c for c in policy.on if isinstance(c, str))
     on_status = frozenset(c for c in policy.on if isinstance(c, int))
     loop = asyncio.get_running_loop()
