@@ -7,11 +7,11 @@ import asyncio
 from collections.abc import Awaitable
 
 from sidecar.call import Call, Handler, Layer
-from sidecar.config.schema import Timeouts
+from sidecar.config.model import RouteTimeouts
 from sidecar.upstream_client import UpstreamResponse
 
 
-def deadline_layer(timeouts: Timeouts) -> Layer:
+def deadline_layer(timeouts: RouteTimeouts) -> Layer:
     total = timeouts.total
     loop = asyncio.get_running_loop()
 
