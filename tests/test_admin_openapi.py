@@ -14,6 +14,7 @@ from tests.conftest import SidecarFactory, Upstream, route_yaml
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "admin-openapi.yaml"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_admin_api_conforms_to_its_openapi_document(
     sidecar_factory: SidecarFactory, upstream: Upstream, tmp_path: Path

@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, answering, route_yaml, wait_until
+from tests.helpers import get
 
 sick = answering(503, "sick")
 ok = answering(200, "ok")
@@ -19,11 +20,6 @@ def breaker_yaml(upstream: Upstream, breaker: str, extra: str = "") -> str:
         circuit_breaker: {breaker}
         {extra}
     """)
-
-
-async def get(client: aiohttp.ClientSession, url: str) -> tuple[int, str, aiohttp.typedefs.LooseHeaders]:
-    async with client.get(url) as response:
-        return response.status, await response.text(), response.headers
 
 
 def state(proxy: RunningSidecar, name: str) -> float:

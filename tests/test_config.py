@@ -93,6 +93,8 @@ def test_env_variable_replaces_the_default(tmp_path: Path) -> None:
      "duplicate route name `main` at $.routes[1].name (line 7)"),
     (GOOD + "defaults:\n  retries: {backoff: {base: 1s, max: 100ms}}\n",
      "retries.backoff.base is above backoff.max"),
+    (GOOD.replace("match: {path_prefix: /}", 'match: {path_prefix: /, host: "[:8080"}'),
+     "invalid match.host '[:8080': write a host name or IP address at $.routes[0].match.host (line 5)"),
     ("routes: [\n", "invalid YAML (line 2)"),
     ("- just\n- a list\n", "the config must be a YAML mapping"),
     (GOOD + "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n", "duplicate key `listen`"),
@@ -137,6 +139,15 @@ def test_route_sections_override_defaults_field_by_field() -> None:
     assert route.circuit_breaker.failure_rate is not None
     assert (route.circuit_breaker.failure_rate.threshold, route.circuit_breaker.failure_rate.min_requests) == (0.25, 20)
     assert route.upstream.endpoints[0].base == "http://127.0.0.1:8081"
+
+
+@pytest.mark.parametrize(("written", "loaded"), [
+    ("[::1]", "[::1]"), ("[::1]:15001", "[::1]"), ("::1", "[::1]"), ("Example.COM:8080", "example.com"),
+    ("api.internal", "api.internal"),
+])
+def test_match_host_loads_in_the_form_the_host_header_is_compared_in(written: str, loaded: str) -> None:
+    config = parse_config(GOOD.replace("match: {path_prefix: /}", f'match: {{path_prefix: /, host: "{written}"}}'), {})
+    assert config.routes[0].host == loaded
 
 
 def test_env_expansion_covers_numbers_defaults_and_escapes() -> None:

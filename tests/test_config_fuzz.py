@@ -6,6 +6,7 @@ import contextlib
 import io
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,6 +39,7 @@ DOCUMENTS = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(DOCUMENTS)
 def test_any_document_is_accepted_or_refused_with_a_config_error(document: object) -> None:
@@ -48,6 +50,7 @@ def test_any_document_is_accepted_or_refused_with_a_config_error(document: objec
         assert str(exc)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=200) | st.text(max_size=200))
 def test_any_bytes_are_refused_with_a_config_error(raw: bytes | str) -> None:
@@ -58,6 +61,7 @@ def test_any_bytes_are_refused_with_a_config_error(raw: bytes | str) -> None:
         assert str(exc)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(DOCUMENTS)
 def test_sidecar_check_exits_zero_or_one_with_a_message(tmp_path: Path, document: object) -> None:
@@ -95,6 +99,7 @@ def _leaf_paths(node: object, path: tuple[object, ...] = ()) -> list[tuple[objec
     return [path]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_a_valid_config_with_any_value_changed_is_accepted_or_refused_with_a_config_error(data: st.DataObject) -> None:

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Gate, Hit, SidecarFactory, Upstream, answering, drop_connection, route_yaml, wait_until
+from tests.helpers import status_of
 
 
 def error_body(kind: str, message: str, retryable: bool, attempts: int = 1, route: str = "main") -> dict[str, object]:
@@ -169,19 +170,14 @@ async def test_attempts_that_expire_in_order_each_time_out_on_time(
         retries: {attempts: 1}
     """))
 
-    async def status(path: str) -> tuple[int, str | None]:
-        async with client.get(proxy.url + path) as response:
-            await response.read()
-            return response.status, response.headers.get("x-sidecar-error")
-
     # Slow attempts started 50 ms apart, a fast one between them that ends and leaves the shared
     # timer's queue: when the first expires the others are still pending, and every slow one must
     # still time out (its upstream would answer 200 after 2 s).
-    started = [asyncio.create_task(status("/slow"))]
+    started = [asyncio.create_task(status_of(client, proxy.url + "/slow"))]
     await asyncio.sleep(0.05)
-    started += [asyncio.create_task(status("/fast")), asyncio.create_task(status("/slow"))]
+    started += [asyncio.create_task(status_of(client, proxy.url + path)) for path in ("/fast", "/slow")]
     await asyncio.sleep(0.05)
-    started.append(asyncio.create_task(status("/slow")))
+    started.append(asyncio.create_task(status_of(client, proxy.url + "/slow")))
     results = await asyncio.gather(*started)
     assert results == [(504, "timeout"), (200, None), (504, "timeout"), (504, "timeout")]
     assert proxy.metric("sidecar_upstream_attempts_total", route="main", outcome="timeout") == 3

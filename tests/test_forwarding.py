@@ -70,6 +70,31 @@ async def test_host_match_picks_the_route_for_that_host(
     assert proxy.metric("sidecar_requests_total", route="api-host", method="GET", code="200") == 1
 
 
+async def test_host_match_accepts_ipv6_literals_and_names_with_ports(
+    sidecar_factory: SidecarFactory, upstream_factory, client: aiohttp.ClientSession
+) -> None:
+    a = await upstream_factory("a")
+    v6 = await upstream_factory("v6")
+    named = await upstream_factory("named")
+    proxy = await sidecar_factory(f"""
+        upstreams:
+          a: {{endpoints: ["{a.url}"]}}
+          v6: {{endpoints: ["{v6.url}"]}}
+          named: {{endpoints: ["{named.url}"]}}
+        routes:
+          - {{name: any-host, match: {{path_prefix: /}}, upstream: a}}
+          - {{name: v6-host, match: {{path_prefix: /, host: "[::1]"}}, upstream: v6}}
+          - {{name: named-host, match: {{path_prefix: /, host: "Example.COM:8080"}}, upstream: named}}
+    """)
+    for target, host in [("/v6", "[::1]:15001"), ("/v6-bare", "[::1]"), ("/named", "example.com:15001"),
+                         ("/other", "[::2]:15001")]:
+        async with client.get(proxy.url + target, headers={"Host": host}) as response:
+            assert response.status == 200
+    assert [hit.target for hit in v6.hits] == ["/v6", "/v6-bare"]
+    assert [hit.target for hit in named.hits] == ["/named"]
+    assert [hit.target for hit in a.hits] == ["/other"]
+
+
 async def test_dedicated_listen_port_serves_its_route_for_any_path(
     sidecar_factory: SidecarFactory, upstream_factory, client: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:

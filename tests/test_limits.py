@@ -5,15 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, answering, drop_connection, wait_until
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:
-    async with client.get(url) as response:
-        await response.read()
-        return response.status, response.headers.get("x-sidecar-error")
+from tests.helpers import status_of
 
 
 def limited(upstream: Upstream, limits: str) -> str:
@@ -180,3 +176,40 @@ async def test_fallback_is_served_when_overloaded(
         assert response.headers["x-sidecar-error"] == "overloaded"
     gate.release.set()
     assert await held == (200, None)
+
+
+@pytest.mark.parametrize(("route_timeouts", "caller_headers"), [
+    ("{total: 15s}", {"x-sidecar-timeout-ms": "100"}),  # the caller's own deadline
+    ("{total: 100ms}", {}),  # the route's total deadline
+])
+async def test_the_request_deadline_bounds_the_wait_for_a_slot(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession,
+    route_timeouts: str, caller_headers: dict[str, str],
+) -> None:
+    finish = asyncio.Event()
+
+    async def stream(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        response = web.StreamResponse()  # headers at once: `total` is met, the slot stays held
+        await response.prepare(request)
+        await response.write(b"data: 1\n\n")
+        async with asyncio.timeout(10):
+            await finish.wait()
+        return response
+
+    upstream.on("/events", stream)
+    proxy = await sidecar_factory(
+        limited(upstream, "{max_concurrent: 1, max_pending: 1, queue_timeout: 30s}") + f"""
+            timeouts: {route_timeouts}
+    """)
+    async with client.get(proxy.url + "/events") as holder:
+        assert await holder.content.readuntil(b"\n\n") == b"data: 1\n\n"
+        async with asyncio.timeout(5):  # far below queue_timeout: only the deadline can end the wait
+            async with client.get(proxy.url + "/other", headers=caller_headers) as response:
+                assert response.status == 503
+                assert response.headers["x-sidecar-error"] == "overloaded"
+                assert "deadline" in (await response.json())["message"]
+        assert not finish.is_set()  # the holder still has its slot: the deadline ended the wait
+        finish.set()
+        await holder.read()
+    assert rejections(proxy, "queue_timeout") == 1
+    assert [hit.target for hit in upstream.hits] == ["/events"]

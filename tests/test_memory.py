@@ -40,6 +40,7 @@ async def peak_rss(pid: int, stop: asyncio.Event) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read the sidecar's memory")
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_one_gib_each_way_grows_sidecar_memory_by_a_few_mib_at_most(
     tmp_path: Path, upstream: Upstream, client: aiohttp.ClientSession

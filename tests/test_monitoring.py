@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Gate, Hit, RawBehaviour, RunningSidecar, SidecarFactory, Upstream, answering, wait_until
+from tests.helpers import status_of
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_DOC = ROOT / "docs" / "metrics.md"
@@ -335,12 +336,6 @@ def every_state_yaml(web_url: str, bad_url: str, good_url: str, rude_url: str) -
     """
 
 
-async def status(client: aiohttp.ClientSession, method: str, url: str) -> tuple[int, str | None]:
-    async with client.request(method, url, data=b"x" if method == "POST" else None) as response:
-        await response.read()
-        return response.status, response.headers.get("x-sidecar-error")
-
-
 EVENT_BURST = 1000  # well above a subscriber's queue (sidecar.events.QUEUE_SIZE, 256)
 
 
@@ -349,30 +344,30 @@ async def drive_into_every_state(
     rude_url: str,
 ) -> None:
     url = proxy.url
-    assert await status(client, "GET", url + "/main/ok") == (200, None)
-    assert await status(client, "GET", url + "/main/missing") == (404, None)
-    assert await status(client, "GET", url + "/main/flaky") == (200, None)  # 503, retried, 200
-    assert await status(client, "GET", url + "/main/sick") == (503, None)  # attempts_exhausted
-    assert await status(client, "POST", url + "/main/sick") == (503, None)  # non_idempotent
-    assert await status(client, "GET", url + "/stingy/sick") == (503, None)  # budget
-    assert await status(client, "GET", url + "/fragile/sick") == (503, None)  # opens the breaker
-    assert await status(client, "GET", url + "/fragile/sick") == (503, "circuit_open")
-    assert await status(client, "GET", url + "/nowhere") == (404, "no_route")
-    held = asyncio.create_task(status(client, "GET", url + "/narrow/held"))
+    assert await status_of(client, url + "/main/ok") == (200, None)
+    assert await status_of(client, url + "/main/missing") == (404, None)
+    assert await status_of(client, url + "/main/flaky") == (200, None)  # 503, retried, 200
+    assert await status_of(client, url + "/main/sick") == (503, None)  # attempts_exhausted
+    assert await status_of(client, url + "/main/sick", "POST", data=b"x") == (503, None)  # non_idempotent
+    assert await status_of(client, url + "/stingy/sick") == (503, None)  # budget
+    assert await status_of(client, url + "/fragile/sick") == (503, None)  # opens the breaker
+    assert await status_of(client, url + "/fragile/sick") == (503, "circuit_open")
+    assert await status_of(client, url + "/nowhere") == (404, "no_route")
+    held = asyncio.create_task(status_of(client, url + "/narrow/held"))
     await wait_until(lambda: gate.waiting == 1)
-    assert await status(client, "GET", url + "/narrow/held") == (503, "overloaded")
+    assert await status_of(client, url + "/narrow/held") == (503, "overloaded")
     gate.release.set()
     assert await held == (200, None)
-    spread = [await status(client, "GET", url + "/spread/x") for _ in range(4)]
+    spread = [await status_of(client, url + "/spread/x") for _ in range(4)]
     assert sorted(spread) == [(200, None)] * 3 + [(500, None)]  # out after its first failure
     assert len(web_upstream.hits_for("/sick")) == 5  # main GET twice, main POST, stingy, fragile once
     async with client.post(proxy.admin + "/api/v1/breakers/operated/open") as response:
         assert response.status == 200 and (await response.json())["forced"] is True
-    assert await status(client, "GET", url + "/operated/ok") == (503, "circuit_open")
-    assert await status(client, "GET", url + "/rude/once") == (200, None)
-    assert await status(client, "GET", url + "/rude/again") == (200, None)  # stale pooled connection, retried
-    assert await status(client, "GET", url + "/rude/late") == (200, None)  # then bytes nobody asked for
+    assert await status_of(client, url + "/rude/once") == (200, None)
+    assert await status_of(client, url + "/rude/again") == (200, None)  # stale pooled connection, retried
+    assert await status_of(client, url + "/rude/late") == (200, None)  # then bytes nobody asked for
     await wait_until(lambda: proxy.metric("sidecar_upstream_unsolicited_closes_total", endpoint=rude_url) == 1)
+    assert await status_of(client, url + "/operated/ok") == (503, "circuit_open")
     await overflow_an_event_stream(client, proxy)
     await refuse_a_reload(client, proxy, config_file)
 
@@ -637,9 +632,9 @@ async def test_real_prometheus_sees_the_retry_and_the_open_breaker(
     upstream.on("/sick", unavailable)
     proxy = await sidecar_factory(two_routes_yaml(upstream.url))
     async with running_prometheus(proxy.admin, unused_tcp_port, tmp_path) as prometheus:
-        assert await status(client, "GET", proxy.url + "/retrying/flaky") == (200, None)
-        assert await status(client, "GET", proxy.url + "/fragile/sick") == (503, None)
-        assert await status(client, "GET", proxy.url + "/fragile/sick") == (503, "circuit_open")
+        assert await status_of(client, proxy.url + "/retrying/flaky") == (200, None)
+        assert await status_of(client, proxy.url + "/fragile/sick") == (503, None)
+        assert await status_of(client, proxy.url + "/fragile/sick") == (503, "circuit_open")
         await prometheus.poll('sidecar_retries_total{job="sidecar", route="retrying", reason="503"}', {"1"})
         await prometheus.poll('sidecar_circuit_breaker_state{route="fragile", state="open"} == 1', {"1"})
         await prometheus.poll('sidecar_circuit_breaker_rejections_total{route="fragile"}', {"1"})
@@ -660,7 +655,7 @@ async def test_alert_rules_match_live_series_in_a_real_prometheus(
         names: set[str] = set()
         for _ in range(int(REPORTED_WITHIN / POLL_SECONDS)):
             # Keep failing traffic flowing: a rate needs a counter that grows between two scrapes.
-            assert (await status(client, "GET", proxy.url + "/fragile/sick"))[0] == 503
+            assert (await status_of(client, proxy.url + "/fragile/sick"))[0] == 503
             names = {series["metric"]["alertname"] for series in await prometheus.query(pending)}
             if names == alerts or time.monotonic() > deadline:
                 break

@@ -12,6 +12,7 @@ import pytest
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_five_thousand_mixed_requests_leave_no_fd_or_memory_growth() -> None:
     result = subprocess.run(

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from sidecar.wire.websocket import _Frames
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
+from sidecar.wire.websocket import _Frames
 from tests.conftest import (
     Gate,
     RawBehaviour,

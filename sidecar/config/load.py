@@ -17,9 +17,10 @@ import msgspec
 from yarl import URL
 
 from sidecar.config import schema
-from sidecar.config.model import Address, Config, Endpoint, RouteSpec, UpstreamSpec
+from sidecar.config.model import Address, Config, Endpoint, RouteSpec, RouteTimeouts, UpstreamSpec
 from sidecar.config.source import ConfigError, Lines, expand_env, parse_yaml, redact, where
 from sidecar.config.units import decode_hook
+from sidecar.hosts import host_of
 
 T = TypeVar("T")
 _MSGSPEC_PATH = re.compile(r"^(.*) - at `(\$[^`]*)`$")
@@ -123,7 +124,10 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
             raise ConfigError(f"route `{route.name}` needs `match` or its own `listen` {where(path, lines)}")
         listen = main if route.listen is None else _address(route.listen, path + ".listen", lines)
         match = route.match or schema.Match()
-        host = match.host.lower().rsplit(":", 1)[0] if match.host else None
+        host = host_of(match.host) if match.host else None
+        if host is not None and host.strip("[]") == "":
+            raise ConfigError(f"invalid match.host {match.host!r}: write a host name or IP address "
+                              f"{where(path + '.match.host', lines)}")
         key = (listen, host, match.path_prefix)
         if key in claimed:
             raise ConfigError(
@@ -131,6 +135,8 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
                 f"{where(path, lines)}"
             )
         claimed[key] = route.name
+        # Merged from the raw dicts, not from `route` and `document.defaults`: once decoded, a
+        # field the route left out cannot be told from one it set to the default value.
         policies = {
             section: _merged(section, defaults, raw_routes[index], f"{path}.{section}", lines)
             for section in schema.POLICY_SECTIONS
@@ -164,8 +170,8 @@ def _merged(section: str, defaults: dict[str, Any], route: dict[str, Any], path:
         for name in ("connect", "total", "idle", "per_try"):
             if getattr(policy, name) is not None and getattr(policy, name) <= 0:
                 raise ConfigError(f"timeouts.{name} must be above zero {where(path + '.' + name, lines)}")
-        if policy.per_try is None:
-            policy = msgspec.structs.replace(policy, per_try=policy.total)
+        per_try = policy.total if policy.per_try is None else policy.per_try
+        policy = RouteTimeouts(connect=policy.connect, per_try=per_try, total=policy.total, idle=policy.idle)
     if isinstance(policy, schema.Retries) and policy.backoff.base > policy.backoff.max:
         raise ConfigError(f"retries.backoff.base is above backoff.max {where(path + '.backoff', lines)}")
     return policy

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 from sidecar.config.schema import (
     CircuitBreaker,
     Fallback,
@@ -13,8 +15,18 @@ from sidecar.config.schema import (
     Retries,
     Server,
     Shutdown,
-    Timeouts,
 )
+from sidecar.config.units import Duration
+
+
+class RouteTimeouts(msgspec.Struct, frozen=True, kw_only=True):
+    """A route's `timeouts` as the request path uses them: `per_try`, which a user may leave
+    out, is resolved to `total` when the config is loaded."""
+
+    connect: Duration
+    per_try: Duration
+    total: Duration
+    idle: Duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +68,7 @@ class RouteSpec:
     path_prefix: str
     strip_prefix: bool
     upstream: UpstreamSpec
-    timeouts: Timeouts  # per_try is resolved, never None
+    timeouts: RouteTimeouts
     retries: Retries
     circuit_breaker: CircuitBreaker
     limits: Limits

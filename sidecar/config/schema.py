@@ -31,7 +31,7 @@ FailureOn = Literal["connect-failure", "reset", "timeout", "5xx"] | StatusCode
 
 class Timeouts(_Section, frozen=True):
     connect: Duration = duration("1s")
-    # None means "same as total"; resolved when the config is loaded.
+    # None means "same as total"; resolved when the config is loaded (model.RouteTimeouts).
     per_try: Duration | None = None
     total: Duration = duration("15s")
     idle: Duration = duration("5m")

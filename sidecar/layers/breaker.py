@@ -1,25 +1,32 @@
 """Circuit breaker per route: fail fast while the upstream is known broken, probe to come back.
 
-The breaker is pybreaker's, with pybreaker's rules (consecutive failures open it,
-reset_timeout later it lets a probe through, success_threshold probes close it).
-pybreaker has no asyncio support, so this adapter:
+The breaker is pybreaker's state (closed, open, half-open, its counters, its storage) with
+pybreaker's rules: `failure_threshold` consecutive failures open it, `reset_timeout` later
+it lets a probe through, `success_threshold` successful probes close it, a failed probe
+re-opens it. pybreaker has no asyncio support and learns outcomes only from exceptions
+raised inside its synchronous `call()`, where its listeners run in the middle of its own
+bookkeeping. So this adapter:
   - checks admission before an attempt: open -> `circuit_open` at once; half-open ->
     exactly one probe in flight (pybreaker alone would admit every caller);
-  - runs the attempt outside pybreaker and records its outcome afterwards,
-    synchronously, through `breaker.calling()`. A cancelled attempt (the caller went
-    away) or the caller's own failure is recorded as neither success nor failure;
-  - never replaces the tripping attempt's response (throw_new_error_on_trip=False).
-The optional failure-rate rule (failure_rate.py) opens the same breaker through
-pybreaker's API, so state, metrics and admin see one breaker.
+  - runs the attempt outside pybreaker and records its outcome afterwards, applying the
+    rules above to pybreaker's storage and moving its state through its public
+    open()/half_open()/close(). Every transition happens in one place (`_enter`), once:
+    no listener, no exception as a signal, nothing re-enters the adapter;
+  - measures reset_timeout on the injected clock (the loop's); the wall clock only labels
+    moments shown to people (admin API, recent failures);
+  - never replaces the tripping attempt's response. A cancelled attempt (the caller went
+    away) or the caller's own failure counts as neither success nor failure.
+The optional failure-rate rule (sidecar/policy/failure_rate.py) opens the same breaker, so
+state, metrics and admin see one breaker.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pybreaker
@@ -33,26 +40,24 @@ from sidecar.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sidecar.layers.failure_rate import FailureRateWindow
+from sidecar.policy.failure_rate import FailureRateWindow
 from sidecar.proxy.call import Call, Handler, Layer, passthrough
 from sidecar.telemetry.events import EventBus
 from sidecar.telemetry.metrics import RouteMetrics
+from sidecar.timestamps import iso, iso_now
 from sidecar.wire.upstream_client import UpstreamResponse
 
 log = logging.getLogger("sidecar.breaker")
 RECENT_FAILURES = 10
 Forced = Literal["open", "closed"]
+CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 
-STATE_LABELS = {pybreaker.STATE_CLOSED: "closed", pybreaker.STATE_OPEN: "open", pybreaker.STATE_HALF_OPEN: "half_open"}
+STATE_LABELS = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 # The failure_on name of each upstream error kind; an invalid response counts as a reset.
 FAILURE_NAMES = {
     ConnectFailure.kind: "connect-failure", UpstreamReset.kind: "reset", BadUpstreamResponse.kind: "reset",
     UpstreamTimeout.kind: "timeout",
 }
-
-
-class _AttemptFailed(Exception):
-    """Raised inside `breaker.calling()` so pybreaker counts a failure it did not see happen."""
 
 
 class RouteBreaker:
@@ -69,11 +74,12 @@ class RouteBreaker:
         self._rate = FailureRateWindow(policy.failure_rate, clock) if policy.failure_rate else None
         self._failure_names = frozenset(c for c in policy.failure_on if isinstance(c, str))
         self._failure_codes = frozenset(c for c in policy.failure_on if isinstance(c, int))
-        self.storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self._clock = clock
+        self._opened_at: float | None = None  # clock time it last opened; None while closed
+        self.storage = pybreaker.CircuitMemoryStorage(CLOSED)
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=policy.failure_threshold, reset_timeout=policy.reset_timeout,
-            success_threshold=policy.success_threshold, throw_new_error_on_trip=False,
-            state_storage=self.storage, listeners=[_Listener(self)], name=route,
+            success_threshold=policy.success_threshold, state_storage=self.storage, name=route,
         )
         self._probing = False
         metrics.breaker_entered("closed")
@@ -89,7 +95,10 @@ class RouteBreaker:
         self._metrics.breaker_forced(state is not None)
         if state is None:
             self._probing = False
-            self.breaker.close()  # pybreaker: closed, counters reset
+            if self.storage.state == CLOSED:
+                self.storage.reset_counter()  # released to closed: counting starts afresh
+            else:
+                self._enter(CLOSED)
             self._metrics.breaker_entered("closed")
         else:
             self._metrics.breaker_entered(state)
@@ -98,24 +107,25 @@ class RouteBreaker:
 
     def snapshot(self) -> dict[str, Any]:
         """What the admin API shows: state, why it opened, when it probes next."""
-        opened_at = self.storage.opened_at if self.storage.state != pybreaker.STATE_CLOSED else None
-        wait = self.seconds_until_probe() if self.storage.state == pybreaker.STATE_OPEN else None
+        # Moments are kept on the injected clock; the wall clock only turns them into dates.
+        wall, now = time.time(), self._clock()
+        opened_at = self._opened_at
+        wait = self.seconds_until_probe() if self.storage.state == OPEN else None
         return {
             "route": self.route,
             "enabled": True,
             "state": self.state,
             "forced": self.forced is not None,
             "consecutive_failures": self.storage.counter,
-            "opened_at": _iso(opened_at) if opened_at else None,
-            "next_probe_at": _iso(datetime.now(UTC).timestamp() + max(0.0, wait)) if wait is not None else None,
+            "opened_at": iso(wall - (now - opened_at)) if opened_at is not None else None,
+            "next_probe_at": iso(wall + max(0.0, wait)) if wait is not None else None,
             "recent_failures": list(self.recent_failures),
         }
 
     def seconds_until_probe(self) -> float:
-        opened_at = self.storage.opened_at
-        if opened_at is None:
+        if self._opened_at is None:
             return 0.0
-        return self.policy.reset_timeout - (datetime.now(UTC) - opened_at).total_seconds()
+        return self.policy.reset_timeout - (self._clock() - self._opened_at)
 
     def admit(self) -> bool:
         """Let an attempt through or raise CircuitOpen. True when the attempt is the half-open probe."""
@@ -124,13 +134,13 @@ class RouteBreaker:
         if self.forced == "closed":
             return False
         state = self.storage.state
-        if state == pybreaker.STATE_CLOSED:
+        if state == CLOSED:
             return False
-        if state == pybreaker.STATE_OPEN:
+        if state == OPEN:
             wait = self.seconds_until_probe()
             if wait > 0:
                 self._reject(f"the circuit breaker of route {self.route} is open", wait)
-            self.breaker.half_open()  # now, so metrics show half_open while the probe runs
+            self._enter(HALF_OPEN)  # now, so metrics show half_open while the probe runs
         if self._probing:
             self._reject(f"the circuit breaker of route {self.route} is half-open and a probe is deciding", 1.0)
         self._probing = True
@@ -152,54 +162,67 @@ class RouteBreaker:
         """The attempt's verdict: a failure kind, or None for a success."""
         if probe:
             self._probing = False
-        elif self.forced is not None or self.storage.state != pybreaker.STATE_CLOSED:
-            return  # forced, or admitted before the breaker opened: its outcome is old news
-        failed = failure is not None
-        if not failed and not probe and self._rate is None and self.storage.counter == 0:
-            # The common case: a success while closed with no failures counted. pybreaker
-            # would only reset a counter that is already 0, so skip its bookkeeping.
+        if self.forced is not None:
+            return  # the operator decides while forced
+        storage = self.storage
+        state = storage.state
+        if probe and state == HALF_OPEN:
+            self._settle_probe(failure)
             return
+        if state != CLOSED:
+            return  # admitted before the breaker opened: its outcome is old news
+        rate = self._rate
+        if failure is None:
+            # The common case is a success with nothing counted: no bookkeeping at all.
+            if storage.counter:
+                storage.reset_counter()  # any success ends a run of consecutive failures
+            if rate is not None and rate.record(False):
+                self._enter(OPEN)  # the success that brings the window to min_requests can trip it
+            return
+        self._remember(failure)
+        storage.increment_counter()
+        tripped_by_rate = rate is not None and rate.record(True)
+        if storage.counter >= self.policy.failure_threshold or tripped_by_rate:
+            self._enter(OPEN)
+
+    def _settle_probe(self, failure: str | None) -> None:
+        storage = self.storage
         if failure is not None:
-            self.recent_failures.append({"kind": failure, "time": _iso(datetime.now(UTC).timestamp())})
-        try:
-            with self.breaker.calling():
-                if failed:
-                    raise _AttemptFailed
-        except (_AttemptFailed, pybreaker.CircuitBreakerError):
-            pass
+            self._remember(failure)
+            storage.increment_counter()
+            self._enter(OPEN)  # a failed probe re-opens it for another reset_timeout
+            return
+        storage.reset_counter()
+        storage.increment_success_counter()
+        if storage.success_counter >= self.policy.success_threshold:
+            self._enter(CLOSED)
+
+    def _remember(self, failure: str) -> None:
+        self.recent_failures.append({"kind": failure, "time": iso_now()})
 
     def abandon(self, probe: bool) -> None:
         """The attempt ended without an upstream verdict (cancelled, or the caller failed)."""
         if probe:
             self._probing = False
 
-    def count_for_rate(self, failed: bool) -> None:
-        if self._rate is not None and self._rate.record(failed) and self.storage.state == pybreaker.STATE_CLOSED:
+    def _enter(self, state: str) -> None:
+        """The one place the breaker changes state: pybreaker's state and counters move through its
+        public API (which resets its counters as its rules say), then metrics, events and logs hear of
+        it, once per transition."""
+        if state == OPEN:
             self.breaker.open()
-
-    def entered(self, state: str) -> None:
+            self._opened_at = self._clock()
+        elif state == HALF_OPEN:
+            self.breaker.half_open()
+        else:
+            self.breaker.close()
+            self._opened_at = None
         label = STATE_LABELS[state]
         self._metrics.breaker_transition(label)
         if self._rate is not None:
             self._rate.clear()
         self._events.publish("breaker", self.route, state=label)
         log.warning("breaker %s", label, extra={"route": self.route, "state": label})
-
-
-class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, owner: RouteBreaker) -> None:
-        self._owner = owner
-
-    def state_change(self, cb: pybreaker.CircuitBreaker, old: object, new: pybreaker.CircuitBreakerState) -> None:
-        if old is not None and getattr(old, "name", None) == new.name:
-            return  # calls in flight when it tripped report open -> open
-        self._owner.entered(new.name)
-
-    def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
-        self._owner.count_for_rate(True)
-
-    def success(self, cb: pybreaker.CircuitBreaker) -> None:
-        self._owner.count_for_rate(False)
 
 
 def breaker_layer(breaker: RouteBreaker | None) -> Layer:
@@ -224,7 +247,3 @@ def breaker_layer(breaker: RouteBreaker | None) -> Layer:
 
     return wrap
 
-
-def _iso(timestamp: float | datetime) -> str:
-    moment = timestamp if isinstance(timestamp, datetime) else datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

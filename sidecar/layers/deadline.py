@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
-from sidecar.config.schema import Timeouts
+from sidecar.config.model import RouteTimeouts
 from sidecar.proxy.call import Call, Handler, Layer
 from sidecar.wire.upstream_client import UpstreamResponse
 
 
-def deadline_layer(timeouts: Timeouts) -> Layer:
+def deadline_layer(timeouts: RouteTimeouts) -> Layer:
     total = timeouts.total
     loop = asyncio.get_running_loop()
 

@@ -2,13 +2,15 @@
 
 A request holds a slot from admission until its response is complete (streams
 included). Over `max_concurrent` it waits in a queue of at most `max_pending` for up to
-`queue_timeout`; otherwise it gets 503 `overloaded` at once. Never retried.
+`queue_timeout`, and no longer than the request's total deadline (timeouts.total or the
+caller's x-sidecar-timeout-ms); otherwise it gets 503 `overloaded` at once. Never retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import Awaitable
 from typing import NoReturn
@@ -39,17 +41,20 @@ class Bulkhead:
             return True
         return False
 
-    async def wait(self) -> None:
-        """Queue for a slot (after try_acquire failed), within max_pending and queue_timeout."""
+    async def wait(self, deadline: float = math.inf) -> None:
+        """Queue for a slot (after try_acquire failed), within max_pending, queue_timeout and
+        the request's own deadline (loop time): a caller's wait never outlasts what it asked for."""
         limits = self._limits
         if len(self._waiters) >= limits.max_pending:
             limit = "concurrent" if limits.max_pending == 0 else "pending"
             self._refuse(limit, f"{limits.max_concurrent} requests in flight" + (
                 f" and {limits.max_pending} waiting" if limits.max_pending else ""))
-        slot = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        slot = loop.create_future()
         self._waiters.append(slot)
         try:
-            async with asyncio.timeout(limits.queue_timeout):
+            async with asyncio.timeout_at(min(now + limits.queue_timeout, deadline)):
                 await slot
         except BaseException as exc:
             if slot.done() and not slot.cancelled():
@@ -59,6 +64,8 @@ class Bulkhead:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(slot)
             if isinstance(exc, TimeoutError):
+                if deadline < now + limits.queue_timeout:
+                    self._refuse("queue_timeout", f"no slot within the request's deadline of {deadline - now:.3g}s")
                 self._refuse("queue_timeout", f"no slot within {limits.queue_timeout:g}s")
             raise
 
@@ -88,7 +95,7 @@ def limit_layer(bulkhead: Bulkhead) -> Layer:
             return inner(call)  # a free slot costs no coroutine of our own
 
         async def queued(call: Call) -> UpstreamResponse:
-            await bulkhead.wait()
+            await bulkhead.wait(call.deadline)  # stamped by the deadline layer outside this one
             call.on_complete.append(bulkhead.release)
             return await inner(call)
 

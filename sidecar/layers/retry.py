@@ -1,15 +1,12 @@
-"""Retries: only when safe, within attempts, deadline and budget, with jittered backoff.
+"""Retries: the layer that acts on `sidecar.policy.retry.decide`, where the rules and the skip
+reasons are written down.
 
-An attempt is retried when its failure is listed in `retries.on` AND every one of these holds
-(else the reason is counted in sidecar_retries_skipped_total and the failure goes back as is):
-  attempts_exhausted    tries left (route's `attempts`, or the caller's lower x-sidecar-max-attempts)
-  upgrade               a WebSocket handshake is retried only on connect-failure (provably unsent)
-  non_idempotent        GET/HEAD/OPTIONS/PUT/DELETE/TRACE; other methods only on connect-failure
-                        (provably unsent), with an Idempotency-Key, or with `non_idempotent: true`
-  body_too_large        the body can be sent again: buffered (<= max_body) or not yet started
-  retry_after_too_long  a Retry-After on 429/503 is at most `retry_after_max`
-  deadline              the backoff ends before the total deadline
-  budget                the route's retry budget has room
+A first attempt that succeeds, or fails in a way `retries.on` does not list, goes straight
+back: no decision, no extra coroutine. A listed failure goes to `decide`; on "retry after X"
+the layer spends the budget, counts the retry, waits and tries again (avoiding the endpoint
+that just failed); on "skip because Y" it counts the reason and the caller gets the failure
+as it is. The latest listed failure is held (its response unreleased) until a retry has an
+answer, so a caller whose retries run out still gets a real answer.
 """
 
 from __future__ import annotations
@@ -18,135 +15,112 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from email.utils import parsedate_to_datetime
 
 from sidecar.config.schema import Retries
 from sidecar.errors import CircuitOpen, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
-from sidecar.layers.retry_budget import RetryBudget
+from sidecar.policy.retry import Jitter, Skip, decide
+from sidecar.policy.retry_budget import RetryBudget
 from sidecar.proxy.call import Call, Handler, Layer, passthrough
 from sidecar.telemetry.events import EventBus
 from sidecar.telemetry.metrics import RouteMetrics
 from sidecar.wire.body import CallerBody
 from sidecar.wire.upstream_client import UpstreamResponse
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# The `retries.on` name of each upstream error kind (a bad response is never retried).
 CONDITIONS = {ConnectFailure.kind: "connect-failure", UpstreamReset.kind: "reset", UpstreamTimeout.kind: "timeout"}
-Jitter = Callable[[float, float], float]
+Outcome = UpstreamResponse | UpstreamError
 
 
 def retry_layer(
     route: str, policy: Retries, budget: RetryBudget, metrics: RouteMetrics, events: EventBus,
-    jitter: Jitter = random.uniform,
+    jitter: Jitter | None = None, wall_clock: Callable[[], float] = time.time,
 ) -> Layer:
     if policy.attempts <= 1:
         return passthrough
+    jitter = random.uniform if jitter is None else jitter  # looked up now, so a test can replace it
     on_errors = frozenset(c for c in policy.on if isinstance(c, str))
     on_status = frozenset(c for c in policy.on if isinstance(c, int))
     loop = asyncio.get_running_loop()
 
+    def listed(outcome: Outcome) -> str | None:
+        """The `retries.on` condition this outcome is, or None if it is not retried."""
+        if isinstance(outcome, UpstreamError):
+            condition = CONDITIONS.get(outcome.kind)
+            return condition if condition in on_errors else None
+        return str(outcome.status) if outcome.status in on_status else None
+
     def wrap(inner: Handler) -> Handler:
         async def with_retries(call: Call) -> UpstreamResponse:
             budget.deposit()
-            attempts = policy.attempts if call.max_attempts is None else min(policy.attempts, call.max_attempts)
-            if isinstance(call.body, CallerBody) and attempts > 1 and _fits(call, policy.max_body):
+            max_attempts = policy.attempts if call.max_attempts is None else min(policy.attempts, call.max_attempts)
+            if isinstance(call.body, CallerBody) and max_attempts > 1 and _fits(call, policy.max_body):
                 call.body = await call.body.read_all()  # small enough to replay
-            retry = 0
-            previous: UpstreamResponse | UpstreamError | None = None
+            try:
+                response = await inner(call)
+            except UpstreamError as error:
+                condition = listed(error)
+                if condition is None:
+                    raise
+                return await retrying(call, max_attempts, error, condition)
+            if response.status not in on_status:
+                return response
+            return await retrying(call, max_attempts, response, str(response.status))
+
+        async def retrying(call: Call, max_attempts: int, failure: Outcome, condition: str) -> UpstreamResponse:
+            retries = 0
             while True:
-                failure: UpstreamError | UpstreamResponse
+                decision = decide(
+                    policy, condition, retries=retries, attempts=call.attempts, max_attempts=max_attempts,
+                    method=call.method, idempotency_key="Idempotency-Key" in call.headers,
+                    body_replayable=not (isinstance(call.body, CallerBody) and call.body.started),
+                    retry_after=failure.headers.get("Retry-After") if isinstance(failure, UpstreamResponse) else None,
+                    now=loop.time(), deadline=call.deadline, wall_now=wall_clock(), budget=budget, jitter=jitter,
+                    upgrade=call.upgrade,
+                )
+                if isinstance(decision, Skip):
+                    metrics.retry_skipped(decision.reason)
+                    if decision.reason == "budget":
+                        events.publish_limited("retry_budget_exhausted", route)
+                    return _deliver(failure)
+                budget.spend()
+                metrics.retried(condition)
+                retries += 1
+                answer: Outcome
                 try:
-                    failure = response = await inner(call)
+                    await asyncio.sleep(decision.after)
+                    call.avoid = call.endpoint
+                    answer = await inner(call)
                 except CircuitOpen:
-                    if previous is None:
-                        raise
                     # The breaker opened on the attempt before this retry: the caller gets
                     # that attempt's real answer rather than our fail-fast.
-                    return _deliver(previous)
-                except UpstreamError as error:
-                    failure, reason = error, CONDITIONS.get(error.kind)
-                    if reason not in on_errors:
-                        _discard(previous)
-                        raise
-                except BaseException:
-                    _discard(previous)  # cancelled, or the caller failed: nothing goes back
-                    raise
-                else:
-                    if response.status not in on_status:
-                        _discard(previous)
-                        return response
-                    reason = str(response.status)
-                _discard(previous)
-                previous = None
-                wait = min(policy.backoff.max, policy.backoff.base * 2**retry)
-                wait = jitter(0.0, wait)
-                skip = _why_not(call, attempts, reason, policy)
-                if skip is None and isinstance(failure, UpstreamResponse) and failure.status in (429, 503):
-                    after = _retry_after(failure.headers.get("Retry-After"))
-                    if after is not None:
-                        if after > policy.retry_after_max:
-                            skip = "retry_after_too_long"
-                        wait = after
-                if skip is None and loop.time() + wait >= call.deadline:
-                    skip = "deadline"
-                if skip is None and not budget.try_withdraw():
-                    skip = "budget"
-                    events.publish_limited("retry_budget_exhausted", route)
-                if skip is not None:
-                    metrics.retry_skipped(skip)
                     return _deliver(failure)
-                metrics.retried(reason)
-                previous = failure  # kept until the retry has an answer
-                await asyncio.sleep(wait)
-                call.avoid = call.endpoint
-                retry += 1
+                except UpstreamError as error:
+                    answer = error
+                except BaseException:
+                    _discard(failure)  # cancelled, or the caller failed: nothing goes back
+                    raise
+                _discard(failure)  # the retry's answer replaces it
+                next_condition = listed(answer)
+                if next_condition is None:
+                    return _deliver(answer)
+                failure, condition = answer, next_condition
 
         return with_retries
 
     return wrap
 
 
-def _deliver(failure: UpstreamResponse | UpstreamError) -> UpstreamResponse:
-    if isinstance(failure, UpstreamError):
-        raise failure
-    return failure
+def _deliver(outcome: Outcome) -> UpstreamResponse:
+    if isinstance(outcome, UpstreamError):
+        raise outcome
+    return outcome
 
 
-def _discard(failure: UpstreamResponse | UpstreamError | None) -> None:
-    if isinstance(failure, UpstreamResponse):
-        failure.release()
+def _discard(outcome: Outcome) -> None:
+    if isinstance(outcome, UpstreamResponse):
+        outcome.release()
 
 
 def _fits(call: Call, max_body: int) -> bool:
     length = call.headers.get("Content-Length")
     return length is not None and length.isdigit() and int(length) <= max_body
-
-
-def _why_not(call: Call, attempts: int, reason: str, policy: Retries) -> str | None:
-    if call.attempts >= attempts:
-        return "attempts_exhausted"
-    if call.upgrade and reason != "connect-failure":
-        return "upgrade"
-    if (
-        call.method not in IDEMPOTENT
-        and reason != "connect-failure"
-        and not policy.non_idempotent
-        and "Idempotency-Key" not in call.headers
-    ):
-        return "non_idempotent"
-    if isinstance(call.body, CallerBody) and call.body.started:
-        return "body_too_large"
-    return None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())

@@ -27,7 +27,7 @@ OUTCOMES = {
 
 def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool, metrics: RouteMetrics) -> Handler:
     timeouts = route.timeouts
-    per_try = timeouts.per_try or timeouts.total
+    per_try = timeouts.per_try
     loop = asyncio.get_running_loop()
     expiries = PerTryTimeouts(loop)
 

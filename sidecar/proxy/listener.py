@@ -13,6 +13,7 @@ from multidict import CIMultiDictProxy
 from sidecar.config import RouteSpec
 from sidecar.config.schema import Server
 from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError
+from sidecar.hosts import host_of
 from sidecar.proxy.call import Call, Handler
 from sidecar.proxy.stack import RouteState
 from sidecar.telemetry.access_log import AccessLog
@@ -41,14 +42,6 @@ class ActiveRoute:
     spec: RouteSpec
     handler: Handler
     state: RouteState
-
-
-def host_of(host_header: str) -> str:
-    """`Example.COM:8080` -> `example.com`; `[::1]:80` -> `[::1]`."""
-    host = host_header.lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1]
-    return host.rsplit(":", 1)[0] if ":" in host else host
 
 
 class RouteTable:

@@ -1,6 +1,6 @@
 """A route's policy stack, built in one place, outermost layer first.
 
-    match route (proxy.py) -> limit -> deadline -> retry -> circuit breaker -> forward
+    match route (proxy.py) -> deadline -> limit -> retry -> circuit breaker -> forward
 
 A disabled policy is a passthrough, so every route's stack has the same shape.
 """
@@ -15,7 +15,7 @@ from sidecar.layers.breaker import RouteBreaker, breaker_layer
 from sidecar.layers.deadline import deadline_layer
 from sidecar.layers.limit import Bulkhead, limit_layer
 from sidecar.layers.retry import retry_layer
-from sidecar.layers.retry_budget import RetryBudget
+from sidecar.policy.retry_budget import RetryBudget
 from sidecar.proxy.call import Handler, Layer
 from sidecar.proxy.endpoints import EndpointPool
 from sidecar.proxy.forward import forwarder
@@ -53,10 +53,11 @@ def new_route_state(
 
 def route_stack(route: RouteSpec, client: UpstreamClient, state: RouteState) -> Handler:
     layers: list[Layer] = [
-        # Bulkhead first: a request waiting for a slot must not start its deadline or hold retries.
-        limit_layer(state.bulkhead),
-        # One deadline for the whole request, so retries cannot stretch a caller's wait.
+        # One deadline for the whole request from its arrival, so neither the wait for a slot
+        # nor retries can stretch a caller's wait. A stamp, not a timer: free when unused.
         deadline_layer(route.timeouts),
+        # Bulkhead outside retries: a request holds one slot across all its attempts.
+        limit_layer(state.bulkhead),
         # Retries sit outside the breaker: every attempt is seen and counted by it.
         retry_layer(route.name, route.retries, state.budget, state.metrics, state.events),
         # Fail fast without touching the network while the upstream is known broken.

@@ -12,12 +12,12 @@ import asyncio
 import random
 import sys
 import time
-from datetime import UTC, datetime
 from typing import TextIO
 
 import msgspec
 
 from sidecar.config.schema import Log
+from sidecar.timestamps import IsoPerSecond
 
 FLUSH_AFTER = 0.05  # seconds: lines written in one batch reach the collector together
 # msgspec (already used for the config) encodes a line in a tenth of json.dumps's time.
@@ -28,8 +28,7 @@ class AccessLog:
     def __init__(self, policy: Log, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stdout
         self._pending: list[str] = []
-        self._second = -1
-        self._second_text = ""
+        self._iso = IsoPerSecond()
         self.configure(policy)
 
     def configure(self, policy: Log) -> None:
@@ -47,8 +46,8 @@ class AccessLog:
         if self._sample < 1.0 and random.random() >= self._sample:
             return
         path = raw_path if self._query else raw_path.split("?", 1)[0]
-        fields = {
-            "time": self._timestamp(), "request_id": request_id, "route": route, "method": method, "path": path,
+        fields: dict[str, object] = {
+            "time": self._iso(time.time()), "request_id": request_id, "route": route, "method": method, "path": path,
             "status": status, "duration_ms": round(duration * 1000, 3), "upstream_ms": round(upstream * 1000, 3),
             "attempts": attempts, "endpoint": endpoint, "breaker": breaker, "error": error,
         }
@@ -58,16 +57,6 @@ class AccessLog:
         if not self._pending:
             asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
         self._pending.append(line)
-
-    def _timestamp(self) -> str:
-        """UTC with milliseconds, `2026-11-25T23:16:56.123Z`; the part up to the second is made
-        once a second, not per line."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def flush(self) -> None:
         if self._pending:

@@ -12,10 +12,10 @@ import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.telemetry.metrics import Metrics
+from sidecar.timestamps import iso_now
 
 Event = dict[str, Any]
 QUEUE_SIZE = 256
@@ -38,7 +38,7 @@ class Subscriber:
     async def next(self, wait: float) -> Event | None:
         """The next event, a `lagged` notice if some were dropped, or None on timeout or close."""
         if self.dropped and self._queue.empty():
-            lagged = {"time": _now(), "kind": "lagged", "route": None, "dropped": self.dropped}
+            lagged = {"time": iso_now(), "kind": "lagged", "route": None, "dropped": self.dropped}
             self.dropped = 0
             return lagged
         try:
@@ -65,7 +65,7 @@ class EventBus:
     def publish(self, kind: str, route: str | None = None, **fields: Any) -> None:
         if not self._subscribers:
             return
-        event = {"time": _now(), "kind": kind, "route": route, **fields}
+        event = {"time": iso_now(), "kind": kind, "route": route, **fields}
         for subscriber in self._subscribers:
             subscriber.offer(event)
 
@@ -93,7 +93,3 @@ class EventBus:
         self.closed = True
         for subscriber in self._subscribers:
             subscriber.wake()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
