@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.per_try_timeouts import PerTryTimeouts
+from sidecar.policy.per_try_timeouts import PerTryTimeouts
 from tests.helpers import VirtualClockLoop, run_virtual, settle
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sidecar.timestamps import IsoPerSecond, iso
+from sidecar.telemetry.timestamps import IsoPerSecond, iso
 
 
 def test_iso_is_utc_with_milliseconds() -> None:

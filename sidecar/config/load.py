@@ -17,10 +17,10 @@ import msgspec
 from yarl import URL
 
 from sidecar.config import schema
+from sidecar.config.hosts import host_of
 from sidecar.config.model import Address, Config, Endpoint, RouteSpec, RouteTimeouts, UpstreamSpec
 from sidecar.config.source import ConfigError, Lines, expand_env, parse_yaml, redact, where
 from sidecar.config.units import decode_hook
-from sidecar.hosts import host_of
 
 T = TypeVar("T")
 _MSGSPEC_PATH = re.compile(r"^(.*) - at `(\$[^`]*)`$")

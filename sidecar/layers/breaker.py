@@ -41,11 +41,10 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.policy.failure_rate import FailureRateWindow
-from sidecar.proxy.call import Call, Handler, Layer, passthrough
+from sidecar.proxy.call import Call, Handler, Layer, Response, passthrough
 from sidecar.telemetry.events import EventBus
 from sidecar.telemetry.metrics import RouteMetrics
-from sidecar.timestamps import iso, iso_now
-from sidecar.wire.upstream_client import UpstreamResponse
+from sidecar.telemetry.timestamps import iso, iso_now
 
 log = logging.getLogger("sidecar.breaker")
 RECENT_FAILURES = 10
@@ -230,7 +229,7 @@ def breaker_layer(breaker: RouteBreaker | None) -> Layer:
         return passthrough
 
     def wrap(inner: Handler) -> Handler:
-        async def guarded(call: Call) -> UpstreamResponse:
+        async def guarded(call: Call) -> Response:
             probe = breaker.admit()
             try:
                 response = await inner(call)

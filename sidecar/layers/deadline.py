@@ -7,8 +7,7 @@ import asyncio
 from collections.abc import Awaitable
 
 from sidecar.config.model import RouteTimeouts
-from sidecar.proxy.call import Call, Handler, Layer
-from sidecar.wire.upstream_client import UpstreamResponse
+from sidecar.proxy.call import Call, Handler, Layer, Response
 
 
 def deadline_layer(timeouts: RouteTimeouts) -> Layer:
@@ -16,7 +15,7 @@ def deadline_layer(timeouts: RouteTimeouts) -> Layer:
     loop = asyncio.get_running_loop()
 
     def wrap(inner: Handler) -> Handler:
-        def within_deadline(call: Call) -> Awaitable[UpstreamResponse]:
+        def within_deadline(call: Call) -> Awaitable[Response]:
             # The deadline is a stamp, not a timer: the forward step gives each attempt
             # min(per_try, time left) and raises `timeout` when nothing is left, so
             # there is exactly one timer per attempt and errors stay specific.

@@ -17,10 +17,9 @@ from typing import NoReturn
 
 from sidecar.config.schema import Limits
 from sidecar.errors import Overloaded
-from sidecar.proxy.call import Call, Handler, Layer
+from sidecar.proxy.call import Call, Handler, Layer, Response
 from sidecar.telemetry.events import EventBus
 from sidecar.telemetry.metrics import RouteMetrics
-from sidecar.wire.upstream_client import UpstreamResponse
 
 
 class Bulkhead:
@@ -88,13 +87,13 @@ def limit_layer(bulkhead: Bulkhead) -> Layer:
         # The slot is held until the body has been relayed: the proxy runs `on_complete`
         # when the response is complete or failed, whatever happened, so no layer of its
         # own needs to catch anything here.
-        def limited(call: Call) -> Awaitable[UpstreamResponse]:
+        def limited(call: Call) -> Awaitable[Response]:
             if not bulkhead.try_acquire():
                 return queued(call)
             call.on_complete.append(bulkhead.release)
             return inner(call)  # a free slot costs no coroutine of our own
 
-        async def queued(call: Call) -> UpstreamResponse:
+        async def queued(call: Call) -> Response:
             await bulkhead.wait(call.deadline)  # stamped by the deadline layer outside this one
             call.on_complete.append(bulkhead.release)
             return await inner(call)

@@ -20,15 +20,13 @@ from sidecar.config.schema import Retries
 from sidecar.errors import CircuitOpen, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
 from sidecar.policy.retry import Jitter, Skip, decide
 from sidecar.policy.retry_budget import RetryBudget
-from sidecar.proxy.call import Call, Handler, Layer, passthrough
+from sidecar.proxy.call import Call, Handler, Layer, Response, passthrough
 from sidecar.telemetry.events import EventBus
 from sidecar.telemetry.metrics import RouteMetrics
-from sidecar.wire.body import CallerBody
-from sidecar.wire.upstream_client import UpstreamResponse
 
 # The `retries.on` name of each upstream error kind (a bad response is never retried).
 CONDITIONS = {ConnectFailure.kind: "connect-failure", UpstreamReset.kind: "reset", UpstreamTimeout.kind: "timeout"}
-Outcome = UpstreamResponse | UpstreamError
+Outcome = Response | UpstreamError
 
 
 def retry_layer(
@@ -50,11 +48,11 @@ def retry_layer(
         return str(outcome.status) if outcome.status in on_status else None
 
     def wrap(inner: Handler) -> Handler:
-        async def with_retries(call: Call) -> UpstreamResponse:
+        async def with_retries(call: Call) -> Response:
             budget.deposit()
             max_attempts = policy.attempts if call.max_attempts is None else min(policy.attempts, call.max_attempts)
-            if isinstance(call.body, CallerBody) and max_attempts > 1 and _fits(call, policy.max_body):
-                call.body = await call.body.read_all()  # small enough to replay
+            if max_attempts > 1:
+                await call.buffer_body(policy.max_body)  # small enough to replay
             try:
                 response = await inner(call)
             except UpstreamError as error:
@@ -66,14 +64,14 @@ def retry_layer(
                 return response
             return await retrying(call, max_attempts, response, str(response.status))
 
-        async def retrying(call: Call, max_attempts: int, failure: Outcome, condition: str) -> UpstreamResponse:
+        async def retrying(call: Call, max_attempts: int, failure: Outcome, condition: str) -> Response:
             retries = 0
             while True:
                 decision = decide(
                     policy, condition, retries=retries, attempts=call.attempts, max_attempts=max_attempts,
                     method=call.method, idempotency_key="Idempotency-Key" in call.headers,
-                    body_replayable=not (isinstance(call.body, CallerBody) and call.body.started),
-                    retry_after=failure.headers.get("Retry-After") if isinstance(failure, UpstreamResponse) else None,
+                    body_replayable=call.body_replayable,
+                    retry_after=None if isinstance(failure, UpstreamError) else failure.headers.get("Retry-After"),
                     now=loop.time(), deadline=call.deadline, wall_now=wall_clock(), budget=budget, jitter=jitter,
                     upgrade=call.upgrade,
                 )
@@ -110,17 +108,12 @@ def retry_layer(
     return wrap
 
 
-def _deliver(outcome: Outcome) -> UpstreamResponse:
+def _deliver(outcome: Outcome) -> Response:
     if isinstance(outcome, UpstreamError):
         raise outcome
     return outcome
 
 
 def _discard(outcome: Outcome) -> None:
-    if isinstance(outcome, UpstreamResponse):
+    if not isinstance(outcome, UpstreamError):
         outcome.release()
-
-
-def _fits(call: Call, max_body: int) -> bool:
-    length = call.headers.get("Content-Length")
-    return length is not None and length.isdigit() and int(length) <= max_body

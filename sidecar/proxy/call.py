@@ -1,16 +1,35 @@
-"""What flows through the policy layers: a `Call` in, an upstream response (headers read, body not) out."""
+"""What flows through the policy layers: a `Call` in, a `Response` (headers read, body not) out.
+
+Layers see only these two and `SidecarError`s: never the upstream client, never aiohttp.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from multidict import CIMultiDict
+from aiohttp import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Endpoint
-from sidecar.wire.body import Body
-from sidecar.wire.upstream_client import UpstreamResponse
+from sidecar.wire.body import Body, CallerBody
+
+
+class Response(Protocol):
+    """An upstream's answer on its way back through the layers: status and headers read, the
+    body still to come. `release()` when done with it (the connection may be reused), `close()`
+    to drop it at once. The upstream client's response is one; a cache hit can be another."""
+
+    status: int
+    reason: str
+    headers: CIMultiDictProxy[str]
+    content: StreamReader
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -35,10 +54,23 @@ class Call:
     # Run once the response is complete (or failed), e.g. to free a concurrency slot.
     on_complete: list[Callable[[], None]] = field(default_factory=list)
 
+    @property
+    def body_replayable(self) -> bool:
+        """Whether another attempt can send the body again: none, buffered, or not yet started."""
+        return not (isinstance(self.body, CallerBody) and self.body.started)
+
+    async def buffer_body(self, up_to: int) -> None:
+        """Read a streamed body whose declared length is at most `up_to` into memory, so that
+        a retry can replay it. A larger or undeclared one stays streamed."""
+        if isinstance(self.body, CallerBody):
+            length = self.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) <= up_to:
+                self.body = await self.body.read_all()
+
 
 # A handler answers a call with the upstream's response, its body still unread,
 # or raises a SidecarError. A layer wraps a handler in one policy.
-Handler = Callable[[Call], Awaitable[UpstreamResponse]]
+Handler = Callable[[Call], Awaitable[Response]]
 Layer = Callable[[Handler], Handler]
 
 

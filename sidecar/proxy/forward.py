@@ -10,11 +10,11 @@ import asyncio
 
 from sidecar.config import Endpoint, RouteSpec
 from sidecar.errors import BadUpstreamResponse, ConnectFailure, UpstreamError, UpstreamReset, UpstreamTimeout
-from sidecar.per_try_timeouts import PerTryTimeouts
-from sidecar.proxy.call import Call, Handler
+from sidecar.policy.per_try_timeouts import PerTryTimeouts
+from sidecar.proxy.call import Call, Handler, Response
 from sidecar.proxy.endpoints import EndpointPool
 from sidecar.telemetry.metrics import RouteMetrics
-from sidecar.wire.upstream_client import UpstreamClient, UpstreamResponse
+from sidecar.wire.upstream_client import UpstreamClient
 
 # The outcome label of an attempt that ended in an error, by error kind.
 OUTCOMES = {
@@ -31,7 +31,7 @@ def forwarder(route: RouteSpec, client: UpstreamClient, endpoints: EndpointPool,
     loop = asyncio.get_running_loop()
     expiries = PerTryTimeouts(loop)
 
-    async def forward(call: Call) -> UpstreamResponse:
+    async def forward(call: Call) -> Response:
         started = loop.time()
         budget = min(per_try, call.deadline - started)
         if budget <= 0:

@@ -11,9 +11,9 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from sidecar.config import RouteSpec
+from sidecar.config.hosts import host_of
 from sidecar.config.schema import Server
 from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError
-from sidecar.hosts import host_of
 from sidecar.proxy.call import Call, Handler
 from sidecar.proxy.stack import RouteState
 from sidecar.telemetry.access_log import AccessLog
@@ -23,6 +23,7 @@ from sidecar.wire.headers import request_id_of, upstream_request_headers
 from sidecar.wire.relay import relay
 from sidecar.wire.request_checks import refusal
 from sidecar.wire.responses import error_response
+from sidecar.wire.upstream_client import UpstreamResponse
 from sidecar.wire.websocket import Tunnel, Tunnels, websocket_upgrade
 
 log = logging.getLogger("sidecar.proxy")
@@ -194,6 +195,7 @@ class Listener:
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
             if call.upgrade and status == 101:
+                assert isinstance(upstream, UpstreamResponse)  # only the upstream client's connection tunnels
                 tunnel = Tunnel(request, upstream, spec.timeouts.idle, metrics, self.tunnels)
                 return await tunnel.run(request_id, attempt_headers(call))
             # An answer that came before the caller's body was all read (a 401 to an upload the

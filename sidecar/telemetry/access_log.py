@@ -17,7 +17,7 @@ from typing import TextIO
 import msgspec
 
 from sidecar.config.schema import Log
-from sidecar.timestamps import IsoPerSecond
+from sidecar.telemetry.timestamps import IsoPerSecond
 
 FLUSH_AFTER = 0.05  # seconds: lines written in one batch reach the collector together
 # msgspec (already used for the config) encodes a line in a tenth of json.dumps's time.

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sidecar.telemetry.metrics import Metrics
-from sidecar.timestamps import iso_now
+from sidecar.telemetry.timestamps import iso_now
 
 Event = dict[str, Any]
 QUEUE_SIZE = 256

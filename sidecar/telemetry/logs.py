@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from sidecar.timestamps import iso
+from sidecar.telemetry.timestamps import iso
 
 # Attributes every LogRecord has; anything else was passed in `extra=` and is logged as a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

@@ -9,8 +9,8 @@ import logging
 from aiohttp import hdrs, web
 from aiohttp.http_writer import StreamWriter
 
+from sidecar.wire.answer import Relayable
 from sidecar.wire.headers import add_downstream_response_headers, encode_head
-from sidecar.wire.upstream_client import UpstreamResponse
 from sidecar.wire.whole_response import send_whole
 
 log = logging.getLogger("sidecar.relay")
@@ -76,7 +76,7 @@ async def _caught_up(request: web.BaseRequest) -> None:
 
 
 async def relay(
-    request: web.BaseRequest, upstream: UpstreamResponse, request_id: str, idle: float, extra: dict[str, str],
+    request: web.BaseRequest, upstream: Relayable, request_id: str, idle: float, extra: dict[str, str],
     keep_alive: bool = True,
 ) -> web.StreamResponse:
     """Send `upstream` to the caller as it arrives. Bytes pass untouched (no decoding).

@@ -23,8 +23,8 @@ from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 
+from sidecar.wire.answer import Relayable
 from sidecar.wire.headers import HOP_BY_HOP, REQUEST_ID, downstream_fields, dropped_names, encode_head
-from sidecar.wire.upstream_client import UpstreamResponse
 
 
 class SentResponse(web.StreamResponse):
@@ -47,7 +47,7 @@ class SentResponse(web.StreamResponse):
 
 
 def send_whole(
-    request: web.BaseRequest, upstream: UpstreamResponse, request_id: str, extra: dict[str, str], keep_alive: bool
+    request: web.BaseRequest, upstream: Relayable, request_id: str, extra: dict[str, str], keep_alive: bool
 ) -> SentResponse | None:
     """Write the response head and body in one go; None when the response is not this
     simple case (nothing has been written then, and the body is still in `upstream`)."""
