@@ -7,7 +7,7 @@
     |   +-- MethodNotAllowed       405 method_not_allowed: CONNECT (this is not a forward proxy)
     |   +-- PayloadTooLarge        413 payload_too_large: body over the route's limits.max_body
     |   +-- UriTooLong             414 uri_too_long: request line over server.max_request_line
-    |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
+    |   +-- RequestBodyTimeout     408 request_timeout: the body went silent (server.body_timeout, or idle)
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
     +-- Shed                       refused to protect the upstream or the route; never retried
     |   +-- CircuitOpen            503 circuit_open: the breaker is open; Retry-After says when it probes

@@ -10,13 +10,22 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from sidecar.access_log import AccessLog
-from sidecar.body import CallerBody
+from sidecar.body import CallerBody, read_small_body
 from sidecar.call import Call, Handler
 from sidecar.config import RouteSpec
 from sidecar.config.schema import Server
-from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError, error_response
+from sidecar.errors import (
+    BadRequest,
+    CallerGone,
+    NoRoute,
+    PayloadTooLarge,
+    RequestBodyTimeout,
+    SidecarError,
+    error_response,
+)
 from sidecar.headers import request_id_of, upstream_request_headers
 from sidecar.metrics import RouteMetrics
+from sidecar.protocol import GuardedHandler
 from sidecar.relay import relay
 from sidecar.request_checks import refusal
 from sidecar.stack import RouteState
@@ -149,6 +158,10 @@ class Listener:
                 call.max_attempts, call.timeout = caller_limits(request.headers)
                 if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
                     raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")
+                length = request.content_length if call.body is not None else None
+                if length is not None and length <= spec.retries.max_body:
+                    # Read whole before taking a slot: a trickling caller holds only its connection.
+                    call.body = await read_small_body(request.content, self.limits.body_timeout)
                 upstream = await route.handler(call)
             except SidecarError as error:
                 error_kind = error.kind
@@ -158,6 +171,8 @@ class Listener:
                 status = response.status
                 if self.draining or (call.body is not None and not request.content.is_eof()):
                     response.force_close()  # draining, or the rest of the body is not worth reading
+                if isinstance(error, RequestBodyTimeout) and isinstance(request.protocol, GuardedHandler):
+                    request.protocol.close_without_lingering()  # it went silent: nothing more will come
                 return response
             except Exception:
                 log.exception("unexpected error", extra={"route": spec.name, "request_id": request_id})

@@ -151,6 +151,9 @@ class Server(_Section, frozen=True):
     max_request_line: Size = size("8KiB")  # method, target and version: longer gets 414
     max_header_size: Size = size("8KiB")  # one header line: larger gets 431
     max_headers: Positive = 100  # more gets 431
+    # A request body of at most retries.max_body is read whole before the request takes a
+    # concurrency slot; silent this long between reads: 408 and close.
+    body_timeout: Duration = duration("15s")
 
 
 class Shutdown(_Section, frozen=True):

@@ -5,7 +5,7 @@ An attempt is retried when its failure is listed in `retries.on` AND every one o
   attempts_exhausted    tries left (route's `attempts`, or the caller's lower x-sidecar-max-attempts)
   non_idempotent        GET/HEAD/OPTIONS/PUT/DELETE/TRACE; other methods only on connect-failure
                         (provably unsent), with an Idempotency-Key, or with `non_idempotent: true`
-  body_too_large        the body can be sent again: buffered (<= max_body) or not yet started
+  body_too_large        the body can be sent again: buffered (<= max_body, read whole by the proxy) or not yet started
   retry_after_too_long  a Retry-After on 429/503 is at most `retry_after_max`
   deadline              the backoff ends before the total deadline
   budget                the route's retry budget has room
@@ -47,8 +47,6 @@ def retry_layer(
         async def with_retries(call: Call) -> UpstreamResponse:
             budget.deposit()
             attempts = policy.attempts if call.max_attempts is None else min(policy.attempts, call.max_attempts)
-            if isinstance(call.body, CallerBody) and attempts > 1 and _fits(call, policy.max_body):
-                call.body = await call.body.read_all()  # small enough to replay
             retry = 0
             previous: UpstreamResponse | UpstreamError | None = None
             while True:
@@ -113,11 +111,6 @@ def _deliver(failure: UpstreamResponse | UpstreamError) -> UpstreamResponse:
 def _discard(failure: UpstreamResponse | UpstreamError | None) -> None:
     if isinstance(failure, UpstreamResponse):
         failure.release()
-
-
-def _fits(call: Call, max_body: int) -> bool:
-    length = call.headers.get("Content-Length")
-    return length is not None and length.isdigit() and int(length) <= max_body
 
 
 def _why_not(call: Call, attempts: int, reason: str, policy: Retries) -> str | None:
