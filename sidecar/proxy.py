@@ -181,14 +181,14 @@ class Listener:
                 return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
             status = upstream.status
             return await relay(
-                request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), not self.draining
+                request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), not self.draining,
+                call.complete, self.limits,
             )
         except asyncio.CancelledError:
             status, error_kind = CallerGone.status, CallerGone.kind  # the caller hung up
             raise
         finally:
-            for complete in call.on_complete:
-                complete()
+            call.complete()  # a no-op when the relay freed the slot already
             metrics.ended()
             duration = self._loop.time() - started
             metrics.answered(request.method, status, duration)
