@@ -40,6 +40,17 @@ def has_no_body(method: str, status: int) -> bool:
     return method == "HEAD" or status in (204, 304) or status < 200
 
 
+# A high-water mark no answer held in memory reaches (and that uvloop's C int takes).
+NEVER_PAUSE = 1 << 30
+
+
+def _set_high_water(request: web.BaseRequest, high: int) -> None:
+    """Writing to the caller pauses (aiohttp's writes wait) once more than `high` bytes wait here."""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.set_write_buffer_limits(high=min(high, NEVER_PAUSE))
+
+
 async def _drained_to(transport: asyncio.Transport, writer: StreamWriter, target: int, send_timeout: float) -> bool:
     """Wait until at most `target` bytes of ours wait for the caller. A caller that takes
     nothing for `send_timeout` is disconnected; False then, or when it left."""
@@ -79,7 +90,7 @@ async def _handed_over(request: web.BaseRequest, finished: Callable[[], None], s
     if transport is None or not transport.get_write_buffer_size():
         finished()  # the kernel took it all: the common case costs no wait
         return
-    writer = cast(StreamWriter, request.writer)  # aiohttp's server always writes through a StreamWriter
+    writer = cast(StreamWriter, request.writer)
     if await _drained_to(transport, writer, server.response_buffer, server.send_timeout):
         finished()
         await _drained_to(transport, writer, 0, server.send_timeout)
@@ -112,15 +123,17 @@ async def relay(
     try:
         await response.prepare(request)
         if not has_no_body(request.method, upstream.status):
-            writer = cast(StreamWriter, request.writer)
-            transport = request.transport
-            if transport is not None:
-                # Backpressure on the upstream starts only when more than response_buffer waits here.
-                transport.set_write_buffer_limits(high=server.response_buffer)
+            writer = cast(StreamWriter, request.writer)  # aiohttp's server always writes through one
             if content.is_eof():
-                # The whole body came with the headers (small responses): hand it over in one go.
-                await writer.write(content.read_nowait(), drain=False)
+                # The whole body came with the headers (small responses): one write, its end
+                # included. Writing must not pause inside write_eof, whose wait for the caller
+                # has no timeout: _handed_over waits below instead, within send_timeout.
+                _set_high_water(request, NEVER_PAUSE)
+                await writer.write_eof(content.read_nowait())
+                _set_high_water(request, server.response_buffer)
             else:
+                # Backpressure on the upstream starts once more than response_buffer waits here.
+                _set_high_water(request, server.response_buffer)
                 loop = asyncio.get_running_loop()
                 # One watchdog for the whole body, pushed forward whenever a chunk moves:
                 # it catches a silent upstream and a caller that stopped reading alike.
@@ -128,7 +141,7 @@ async def relay(
                     while chunk := await content.readany():
                         await response.write(chunk)
                         watchdog.reschedule(loop.time() + idle)
-            writer.set_eof()  # the end goes out now; aiohttp's own write_eof would wait for the caller
+                writer.set_eof()  # the end goes out now; aiohttp's write_eof would wait for the caller
     except asyncio.CancelledError:
         upstream.close()  # the caller hung up: drop the upstream connection too
         raise

@@ -39,6 +39,39 @@ async def big_chunked(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
     return response
 
 
+class Paced:
+    """BIG chunked in two parts, the second once the test says so: the relay then surely
+    streams chunk by chunk (the body was not all there with the headers)."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def __call__(self, request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(BIG[:16 * 1024])
+        async with asyncio.timeout(10):
+            await self.go.wait()
+        self.go.clear()  # for the next request
+        await response.write(BIG[16 * 1024:])
+        return response
+
+
+def serve_big(upstream: Upstream) -> Paced:
+    """/big whole with a Content-Length, /big-chunked chunked, /big-paced chunked in two parts."""
+    paced = Paced()
+    upstream.on("/big", big)
+    upstream.on("/big-chunked", big_chunked)
+    upstream.on("/big-paced", paced)
+    return paced
+
+
+async def first_bytes_reached(reader: socket.socket, paced: Paced) -> None:
+    """The answer has started to reach `reader`; a paced upstream may now send the rest."""
+    await wait_until(lambda: has_bytes_waiting(reader))
+    paced.go.set()
+
+
 def limited(upstream: Upstream, max_concurrent: int, server: str = "{}") -> str:
     return f"""
         server: {server}
@@ -156,17 +189,18 @@ async def test_slow_bodies_hold_no_slot_and_normal_requests_are_served(
     assert proxy.metric("sidecar_limit_rejections_total", route="main", limit="concurrent") == 0
 
 
-@pytest.mark.parametrize("path", ["/big", "/big-chunked"])
+BIG_PATHS = ["/big", "/big-chunked", "/big-paced"]
+
+
+@pytest.mark.parametrize("path", BIG_PATHS)
 async def test_slow_readers_hold_no_slot_and_their_upstream_connections_go_back_to_the_pool(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession, attackers: Opener,
     path: str,
 ) -> None:
-    upstream.on("/big", big)
-    upstream.on("/big-chunked", big_chunked)
+    paced = serve_big(upstream)
     proxy = await sidecar_factory(limited(upstream, 4))
     for _ in range(8):  # twice the route's slots, one after the other: each slot comes back
-        reader = await attackers(proxy.port, get(path), slow_reader=True)
-        await wait_until(lambda: has_bytes_waiting(reader))  # noqa: B023 - awaited right here
+        await first_bytes_reached(await attackers(proxy.port, get(path), slow_reader=True), paced)
     assert len(upstream.hits_for(path)) == 8
     await until_served(client, proxy)
     await served_normally(client, proxy, 5)
@@ -204,16 +238,15 @@ async def test_a_reader_that_takes_nothing_for_send_timeout_is_disconnected(
     await served_normally(client, proxy, 1)
 
 
-@pytest.mark.parametrize("path", ["/big", "/big-chunked"])
+@pytest.mark.parametrize("path", BIG_PATHS)
 async def test_an_answer_larger_than_response_buffer_keeps_its_slot_until_the_caller_catches_up(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession, attackers: Opener,
     path: str,
 ) -> None:
-    upstream.on("/big", big)
-    upstream.on("/big-chunked", big_chunked)
+    paced = serve_big(upstream)
     proxy = await sidecar_factory(limited(upstream, 1, "{response_buffer: 16KiB}"))
     reader = await attackers(proxy.port, get(path, close=True), slow_reader=True)
-    await wait_until(lambda: has_bytes_waiting(reader))
+    await first_bytes_reached(reader, paced)
     async with client.get(proxy.url + "/normal") as response:
         assert response.status == 503
         assert response.headers["x-sidecar-error"] == "overloaded"
