@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Protocol
 
 import aiohttp
@@ -222,6 +223,17 @@ async def test_a_small_body_that_stalls_gets_408_after_body_timeout_and_is_never
     assert b"0.2s" in body
     assert upstream.hits == []
     assert proxy.metric("sidecar_requests_total", route="main", method="POST", code="408") == 1
+
+
+async def test_body_timeout_is_reloaded_with_the_config(
+    sidecar_factory: SidecarFactory, upstream: Upstream, attackers: Opener, tmp_path: Path
+) -> None:
+    path = tmp_path / "sidecar.yaml"
+    proxy = await sidecar_factory(limited(upstream, 4, "{body_timeout: 1h}"), config_file=path)
+    path.write_text(path.read_text().replace("body_timeout: 1h", "body_timeout: 200ms"))
+    await proxy.sidecar.reload_from_file()
+    answer = await read_to_end(await attackers(proxy.port, slow_body()), limit=5)
+    assert answer.startswith(b"HTTP/1.1 408 ")
 
 
 async def test_a_reader_that_takes_nothing_for_send_timeout_is_disconnected(
