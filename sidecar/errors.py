@@ -8,7 +8,7 @@
     |   +-- PayloadTooLarge        413 payload_too_large: body over the route's limits.max_body
     |   +-- UriTooLong             414 uri_too_long: request line over server.max_request_line
     |   +-- HeaderTooLarge         431 header_too_large: a header over server.max_header_size, or too many
-    |   +-- RequestBodyTimeout     408 request_timeout: the body went silent for `timeouts.idle`
+    |   +-- RequestBodyTimeout     408 request_timeout: the body went silent (server.body_timeout, or idle)
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
     |   +-- NotImplementedCoding   501 not_implemented: a transfer coding other than chunked
     |   +-- HttpVersionNotSupported  505 http_version_not_supported: a request line other than HTTP/1.0 or 1.1

@@ -260,11 +260,14 @@ async def test_stream_with_traffic_outlives_total_and_idle(
     assert body == b"".join(f"data: {number}\n\n".encode() for number in range(8))
 
 
-@pytest.mark.parametrize("retries", ["attempts: 1", "attempts: 2"], ids=["streamed", "buffered-for-replay"])
+# A body over retries.max_body streams (silence: timeouts.idle); a smaller one is read whole
+# before the request goes anywhere (silence: server.body_timeout).
+@pytest.mark.parametrize("retries", ["attempts: 1, max_body: 50", "attempts: 2"], ids=["streamed", "buffered"])
 async def test_caller_silent_mid_upload_gets_408_and_upstream_never_sees_a_complete_body(
     sidecar_factory: SidecarFactory, upstream: Upstream, retries: str
 ) -> None:
     upload_failed = asyncio.Event()
+    streamed = "max_body" in retries
 
     async def reader(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         try:
@@ -275,19 +278,20 @@ async def test_caller_silent_mid_upload_gets_408_and_upstream_never_sees_a_compl
         return web.Response(text="complete?")
 
     upstream.on("/upload", reader)
-    proxy = await sidecar_factory(route_yaml(upstream.url, f"timeouts: {{idle: 150ms}}\nretries: {{{retries}}}"))
+    proxy = await sidecar_factory("server: {body_timeout: 150ms}\n" + route_yaml(
+        upstream.url, f"timeouts: {{idle: 150ms}}\nretries: {{{retries}}}"))
     reader_stream, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"z" * 10)
     await writer.drain()
     async with asyncio.timeout(5):
         head = await reader_stream.readuntil(b"\r\n\r\n")
-        if retries == "attempts: 1":  # streamed: the upstream saw the body start, then break off
+        if streamed:  # the upstream saw the body start, then break off
             await upload_failed.wait()
     writer.close()
     assert head.startswith(b"HTTP/1.1 408 ")
     assert b"x-sidecar-error: request_timeout" in head
     assert b"Connection: close" in head
-    if retries == "attempts: 1":
+    if streamed:
         assert len(upstream.hits) == 1 and upstream.hits[0].body == b""
     else:  # a small body is read whole before the first attempt: nothing was sent
         assert upstream.hits == []

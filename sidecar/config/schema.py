@@ -162,6 +162,13 @@ class Server(_Section, frozen=True):
     # Header names with `_` (Transfer_Encoding): some servers read them as their `-` twin.
     # allow forwards them; drop removes them on the way upstream; reject answers 400.
     underscore_headers: Literal["allow", "drop", "reject"] = "allow"
+    # A request body of at most retries.max_body is read whole before the request takes a
+    # concurrency slot; silent this long between reads: 408 and close.
+    body_timeout: Duration = duration("15s")
+    # A caller that takes no byte of its answer for this long is disconnected.
+    send_timeout: Duration = duration("30s")
+    # Per connection: a response whose upstream is done frees its slot once at most this much of it waits here.
+    response_buffer: Size = size("128KiB")
 
 
 class Shutdown(_Section, frozen=True):

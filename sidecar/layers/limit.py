@@ -1,9 +1,11 @@
 """Concurrency limit per route (bulkhead): a slow route cannot take what other routes need.
 
-A request holds a slot from admission until its response is complete (streams
-included). Over `max_concurrent` it waits in a queue of at most `max_pending` for up to
-`queue_timeout`, and no longer than the request's total deadline (timeouts.total or the
-caller's x-sidecar-timeout-ms); otherwise it gets 503 `overloaded` at once. Never retried.
+A request holds a slot from admission until the upstream has sent its whole response
+(streams included) and at most `server.response_buffer` of it waits for the caller
+(relay.py); a small request body is read before admission (proxy.py). Over
+`max_concurrent` it waits in a queue of at most `max_pending` for up to `queue_timeout`,
+and no longer than the request's total deadline (timeouts.total or the caller's
+x-sidecar-timeout-ms); otherwise it gets 503 `overloaded` at once. Never retried.
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ class Bulkhead:
 
 def limit_layer(bulkhead: Bulkhead) -> Layer:
     def wrap(inner: Handler) -> Handler:
-        # The slot is held until the body has been relayed: the proxy runs `on_complete`
-        # when the response is complete or failed, whatever happened, so no layer of its
-        # own needs to catch anything here.
+        # The slot is held until the upstream side is done: `call.complete()` runs
+        # `on_complete` then, or when the request failed, whatever happened, so no layer
+        # of its own needs to catch anything here.
         def limited(call: Call) -> Awaitable[Response]:
             if not bulkhead.try_acquire():
                 return queued(call)

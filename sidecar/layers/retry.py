@@ -51,8 +51,6 @@ def retry_layer(
         async def with_retries(call: Call) -> Response:
             budget.deposit()
             max_attempts = policy.attempts if call.max_attempts is None else min(policy.attempts, call.max_attempts)
-            if max_attempts > 1:
-                await call.buffer_body(policy.max_body)  # small enough to replay
             try:
                 response = await inner(call)
             except UpstreamError as error:

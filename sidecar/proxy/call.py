@@ -51,21 +51,22 @@ class Call:
     upstream_seconds: float = 0.0
     endpoint: Endpoint | None = None  # the endpoint of the latest attempt
     avoid: Endpoint | None = None  # an endpoint that just failed: pick another when there is one
-    # Run once the response is complete (or failed), e.g. to free a concurrency slot.
+    # Run once the upstream side is done (or failed), e.g. to free a concurrency slot: see complete().
     on_complete: list[Callable[[], None]] = field(default_factory=list)
+
+    def complete(self) -> None:
+        """Run the on_complete callbacks, once however often it is called: the relay calls it
+        as soon as the upstream is done, the proxy again when the request ends, whatever happened."""
+        callbacks = self.on_complete
+        if callbacks:
+            self.on_complete = []
+            for callback in callbacks:
+                callback()
 
     @property
     def body_replayable(self) -> bool:
         """Whether another attempt can send the body again: none, buffered, or not yet started."""
         return not (isinstance(self.body, CallerBody) and self.body.started)
-
-    async def buffer_body(self, up_to: int) -> None:
-        """Read a streamed body whose declared length is at most `up_to` into memory, so that
-        a retry can replay it. A larger or undeclared one stays streamed."""
-        if isinstance(self.body, CallerBody):
-            length = self.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) <= up_to:
-                self.body = await self.body.read_all()
 
 
 # A handler answers a call with the upstream's response, its body still unread,

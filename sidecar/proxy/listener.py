@@ -13,7 +13,7 @@ from multidict import CIMultiDictProxy
 from sidecar.config import RouteSpec
 from sidecar.config.hosts import host_of
 from sidecar.config.schema import Server
-from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, SidecarError
+from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, RequestBodyTimeout, SidecarError
 from sidecar.proxy.call import Call, Handler
 from sidecar.proxy.stack import RouteState
 from sidecar.telemetry.access_log import AccessLog
@@ -23,6 +23,7 @@ from sidecar.wire.headers import request_id_of, upstream_request_headers
 from sidecar.wire.relay import relay
 from sidecar.wire.request_checks import refusal
 from sidecar.wire.responses import error_response
+from sidecar.wire.server_protocol import GuardedHandler
 from sidecar.wire.upstream_client import UpstreamResponse
 from sidecar.wire.websocket import Tunnel, Tunnels, websocket_upgrade
 
@@ -178,6 +179,10 @@ class Listener:
                 call.upgrade = websocket_upgrade(request, spec.websocket, call.headers)
                 if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
                     raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")
+                body, length = call.body, request.content_length
+                if isinstance(body, CallerBody) and length is not None and length <= spec.retries.max_body:
+                    # Read whole before taking a slot: a trickling caller holds only its connection.
+                    call.body = await body.read_small(self.limits.body_timeout)
                 upstream = await route.handler(call)
             except SidecarError as error:
                 error_kind = error.kind
@@ -187,6 +192,8 @@ class Listener:
                 status = response.status
                 if self.draining or (call.body is not None and not request.content.is_eof()):
                     response.force_close()  # draining, or the rest of the body is not worth reading
+                if isinstance(error, RequestBodyTimeout) and isinstance(request.protocol, GuardedHandler):
+                    request.protocol.close_without_lingering()  # it went silent: nothing more will come
                 return response
             except Exception:
                 log.exception("unexpected error", extra={"route": spec.name, "request_id": request_id})
@@ -202,13 +209,15 @@ class Listener:
             # upstream never read) is relayed as it is, and the caller's connection closes after
             # it: the rest of that body is not worth reading.
             keep_alive = not self.draining and (call.body is None or request.content.is_eof())
-            return await relay(request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), keep_alive)
+            return await relay(
+                request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), keep_alive,
+                call.complete, self.limits,
+            )
         except asyncio.CancelledError:
             status, error_kind = CallerGone.status, CallerGone.kind  # the caller hung up
             raise
         finally:
-            for complete in call.on_complete:
-                complete()
+            call.complete()  # a no-op when the relay freed the slot already
             metrics.ended()
             duration = self._loop.time() - started
             metrics.answered(request.method, status, duration)

@@ -1,4 +1,12 @@
-"""The caller's request body: streamed once, or buffered when small enough to replay."""
+"""The caller's request body: read whole before the request takes a slot when small, else streamed once.
+
+A body whose declared Content-Length fits `retries.max_body` is read completely before
+the request joins its route's policy stack (as nginx buffers request bodies): a caller
+that trickles it holds only its own connection, never a concurrency slot or an upstream
+connection, and is answered 408 when it stalls for `server.body_timeout` between reads.
+Larger and chunked bodies stream to the upstream as they come (backpressure both ways),
+holding the slot, with `timeouts.idle` between chunks.
+"""
 
 from __future__ import annotations
 
@@ -40,9 +48,7 @@ class CallerBody:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         self.started = True
-        if self._on_first_read is not None:
-            self._on_first_read()
-            self._on_first_read = None
+        self._asked_for()
         received = 0
         while True:
             try:
@@ -60,8 +66,30 @@ class CallerBody:
                 raise PayloadTooLarge(f"the request body is larger than {self._max_body} bytes")
             yield chunk
 
-    async def read_all(self) -> bytes:
-        return b"".join([chunk async for chunk in self])
+    async def read_small(self, stall: float) -> bytes:
+        """The whole of a small body, allowing `stall` seconds between reads (server.body_timeout)."""
+        self._asked_for()
+        content = self._content
+        if content.is_eof():
+            return content.read_nowait()  # it came with the headers: the common case costs no timer
+        chunks: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(stall) as watchdog:
+                while chunk := await content.readany():
+                    chunks.append(chunk)
+                    watchdog.reschedule(loop.time() + stall)
+        except TimeoutError:
+            raise RequestBodyTimeout(f"the request body was silent for more than {stall:g}s") from None
+        except ConnectionError:
+            raise CallerGone("the caller closed the connection while sending the body") from None
+        return b"".join(chunks)
+
+    def _asked_for(self) -> None:
+        """The body is wanted now: a caller waiting for `100 Continue` gets it."""
+        if self._on_first_read is not None:
+            self._on_first_read()
+            self._on_first_read = None
 
 
 # What a call sends: nothing, bytes that can be replayed, or the caller's stream.

@@ -1,14 +1,24 @@
-"""Streaming the chosen upstream response to the caller, chunk by chunk, under an idle watchdog."""
+"""Streaming the chosen upstream response to the caller, chunk by chunk, under an idle watchdog.
+
+Once the upstream has sent its last byte, the answer no longer needs the route: the
+upstream connection goes back to the pool and `finished` frees the concurrency slot as
+soon as at most `server.response_buffer` bytes of it still wait here for the caller
+(more than that: the slot is held while the caller catches up). The caller then reads
+the rest at its own pace, and one that takes nothing for `server.send_timeout` is
+disconnected, so a slow reader holds only its own connection and a bounded buffer.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
+from typing import cast
 
 from aiohttp import hdrs, web
 from aiohttp.http_writer import StreamWriter
 
+from sidecar.config.schema import Server
 from sidecar.wire.answer import Relayable
 from sidecar.wire.headers import add_downstream_response_headers, encode_head
 from sidecar.wire.whole_response import send_whole
@@ -68,27 +78,78 @@ def has_no_body(method: str, status: int) -> bool:
     return method == "HEAD" or status in (204, 304) or status < 200
 
 
-async def _caught_up(request: web.BaseRequest) -> None:
-    """Wait while the caller reads slower than we answer, as aiohttp's own writes do."""
-    if request.protocol.writing_paused:
-        with contextlib.suppress(ConnectionError):  # the caller left: aiohttp closes its connection
-            await request.writer.drain()
+# A high-water mark no answer held in memory reaches (and that uvloop's C int takes).
+NEVER_PAUSE = 1 << 30
+
+
+def _set_high_water(request: web.BaseRequest, high: int) -> None:
+    """Writing to the caller pauses (aiohttp's writes wait) once more than `high` bytes wait here."""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.set_write_buffer_limits(high=min(high, NEVER_PAUSE))
+
+
+async def _drained_to(transport: asyncio.Transport, writer: StreamWriter, target: int, send_timeout: float) -> bool:
+    """Wait until at most `target` bytes of ours wait for the caller. A caller that takes
+    nothing for `send_timeout` is disconnected; False then, or when it left."""
+    if transport.is_closing():
+        return False
+    left = transport.get_write_buffer_size()
+    if left <= target:
+        return True
+    low, high = transport.get_write_buffer_limits()
+    try:
+        while left > target:  # bounded: each round is a byte or more taken, or the end
+            # Writing pauses now and resumes at the first byte the caller takes, so each
+            # wait below is for progress, not for the whole rest.
+            transport.set_write_buffer_limits(high=left - 1, low=left - 1)
+            try:
+                async with asyncio.timeout(send_timeout):
+                    await writer.drain()
+            except TimeoutError:
+                log.debug("a caller took nothing for %gs: disconnected", send_timeout)
+                transport.abort()
+                return False
+            except OSError:  # the caller left
+                return False
+            if transport.is_closing():
+                return False
+            left = transport.get_write_buffer_size()
+        return True
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+
+
+async def _handed_over(request: web.BaseRequest, finished: Callable[[], None], server: Server) -> None:
+    """The upstream is done and released, and the whole answer is with the transport: free the
+    slot once at most `response_buffer` bytes wait here, then see the caller take the rest."""
+    transport = request.transport
+    if transport is None or not transport.get_write_buffer_size():
+        finished()  # the kernel took it all: the common case costs no wait
+        return
+    writer = cast(StreamWriter, request.writer)
+    if await _drained_to(transport, writer, server.response_buffer, server.send_timeout):
+        finished()
+        await _drained_to(transport, writer, 0, server.send_timeout)
 
 
 async def relay(
     request: web.BaseRequest, upstream: Relayable, request_id: str, idle: float, extra: dict[str, str],
-    keep_alive: bool = True,
+    keep_alive: bool, finished: Callable[[], None], server: Server,
 ) -> web.StreamResponse:
     """Send `upstream` to the caller as it arrives. Bytes pass untouched (no decoding).
 
     If either side fails or goes silent for `idle` mid-body, both connections are
-    closed: a truncated body must never look complete to the caller.
+    closed: a truncated body must never look complete to the caller. `finished` is
+    called once the upstream is done and at most `server.response_buffer` bytes wait
+    for the caller (it frees the route's slot); not at all when the relay failed.
     """
     content = upstream.content
     if content.total_bytes and not has_no_body(request.method, upstream.status):
         sent = send_whole(request, upstream, request_id, extra, keep_alive)
         if sent is not None:
-            await _caught_up(request)
+            await _handed_over(request, finished, server)
             return sent
     kind = HeldHeadResponse if content.total_bytes else RelayedResponse
     # Headers go straight into the response's own: passing them in would copy them again.
@@ -99,21 +160,26 @@ async def relay(
         response.force_close()
     try:
         await response.prepare(request)
-        if has_no_body(request.method, upstream.status):
-            upstream.release()
-            return response
-        if content.is_eof():
-            # The whole body came with the headers (small responses): send it in one go.
-            await response.write_eof(content.read_nowait())
-            upstream.release()
-            return response
-        loop = asyncio.get_running_loop()
-        # One watchdog for the whole body, pushed forward whenever a chunk moves:
-        # it catches a silent upstream and a caller that stopped reading alike.
-        async with asyncio.timeout(idle) as watchdog:
-            while chunk := await content.readany():
-                await response.write(chunk)
-                watchdog.reschedule(loop.time() + idle)
+        if not has_no_body(request.method, upstream.status):
+            writer = cast(StreamWriter, request.writer)  # aiohttp's server always writes through one
+            if content.is_eof():
+                # The whole body came with the headers (small responses): one write, its end
+                # included. Writing must not pause inside write_eof, whose wait for the caller
+                # has no timeout: _handed_over waits below instead, within send_timeout.
+                _set_high_water(request, NEVER_PAUSE)
+                await writer.write_eof(content.read_nowait())
+                _set_high_water(request, server.response_buffer)
+            else:
+                # Backpressure on the upstream starts once more than response_buffer waits here.
+                _set_high_water(request, server.response_buffer)
+                loop = asyncio.get_running_loop()
+                # One watchdog for the whole body, pushed forward whenever a chunk moves:
+                # it catches a silent upstream and a caller that stopped reading alike.
+                async with asyncio.timeout(idle) as watchdog:
+                    while chunk := await content.readany():
+                        await response.write(chunk)
+                        watchdog.reschedule(loop.time() + idle)
+                writer.set_eof()  # the end goes out now; aiohttp's write_eof would wait for the caller
     except asyncio.CancelledError:
         upstream.close()  # the caller hung up: drop the upstream connection too
         raise
@@ -124,4 +190,5 @@ async def relay(
             request.transport.abort()
         return response
     upstream.release()
+    await _handed_over(request, finished, server)
     return response

@@ -139,6 +139,12 @@ class GuardedHandler(RequestHandler):
             self._header_timer = None
         super().connection_lost(exc)
 
+    def close_without_lingering(self) -> None:
+        """Close once the current answer is out, without first reading what is left of the
+        request body (aiohttp lingers up to 10 s for it): for a caller whose body went silent."""
+        self._lingering_time = 0.0
+        self.close()
+
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
         message: str | None = None,
