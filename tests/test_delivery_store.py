@@ -468,6 +468,30 @@ def test_sqlite_a_state_directory_that_cannot_be_written_is_a_clear_error(tmp_pa
 
 
 @pytest.fixture
+def read_only_directory(tmp_path: Path) -> Iterator[Path]:
+    """A directory bind-mounted read-only onto itself: read-only for root too (skipped where mount is denied)."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True, check=False)
+    if bound.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bound.stderr.decode().strip()}")
+    try:
+        done = subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], capture_output=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {done.stderr.decode().strip()}")
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def test_sqlite_a_read_only_state_directory_is_a_clear_error_at_start(read_only_directory: Path) -> None:
+    with pytest.raises(StoreError) as error:
+        asyncio.run(open_store("sqlite", read_only_directory))
+    assert f"state directory {read_only_directory} cannot be written (Read-only file system)" in str(error.value)
+    assert list(read_only_directory.iterdir()) == []
+
+
+@pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A 512 KiB tmpfs: a disk that really fills up (needs root, as in CI; skipped otherwise)."""
     mount = tmp_path / "small"
