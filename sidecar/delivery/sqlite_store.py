@@ -342,12 +342,14 @@ class SqliteStore:
         self, route: str | None = None, status: Status | None = None, limit: int = 100, after: str | None = None
     ) -> Page:
         conditions, values = ["id > ?"], [after or ""]
-        if route is not None:
-            conditions.append("route = ?")
-            values.append(route)
         if status is not None:
-            conditions.append("status = ?")
-            values.append(status)
+            conditions += ["route = ?", "status = ?"] if route is not None else ["status = ?"]
+            values += [route, status] if route is not None else [status]
+        elif route is not None:
+            # "+route": walk the id index and stop at `limit` matches, rather than sorting every record
+            # of the route (delivered ones included) by id.
+            conditions.append("+route = ?")
+            values.append(route)
         query = f"SELECT {_COLUMNS_NO_BODY} FROM messages WHERE {' AND '.join(conditions)} ORDER BY id LIMIT ?"
 
         def op(db: sqlite3.Connection) -> Page:
