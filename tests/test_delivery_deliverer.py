@@ -199,15 +199,17 @@ async def test_stop_gives_an_unfinished_attempt_back_to_the_queue_within_the_gra
 ) -> None:
     gate = Gate()
     upstream.on("/hooks", gate)
-    message_id = await accept(store, 0)
+    ids = [await accept(store, number) for number in range(3)]  # claimed together, sent one by one
     loop = deliverer(store, sender(session, lambda: upstream.url), policy())
     loop.start()
     await gate.until_waiting(1)
     async with asyncio.timeout(5):  # bounded: grace 0.2 s, then cancel and release
         await loop.stop(grace=0.2)
     gate.release.set()
-    back = await store.get(message_id)
-    assert back is not None and back.status is Status.QUEUED and back.lease_owner is None and back.attempts == 0
+    for message_id in ids:
+        back = await store.get(message_id)
+        assert back is not None and back.status is Status.QUEUED and back.lease_owner is None
+        assert back.attempts == 0
     assert len(upstream.hits) == 1
 
 

@@ -201,21 +201,38 @@ async def test_an_expired_lease_hands_the_message_to_another_owner(store: Store,
 
 async def test_ordered_claims_keep_the_line_behind_a_waiting_message(store: Store) -> None:
     first, second, third = await accept_all(store, 3)
-    assert await claim(store, owner="a", ordered=True) == [first]
-    assert await claim(store, owner="b", ordered=True) == []  # the head is in flight
+    assert await claim(store, owner="a", ordered=True, limit=1) == [first]
+    assert await claim(store, owner="b", ordered=True, limit=1) == []  # the head is in flight
     assert await store.reschedule(first, owner="a", now=NOW, attempts=1, next_attempt_at=NOW + 10,
                                   error="connect_failure", status=None)
     # Waiting for its retry, the head holds back the others.
-    assert await claim(store, owner="b", now=NOW + 5, ordered=True) == []
-    assert await claim(store, owner="b", now=NOW + 10, ordered=True) == [first]
+    assert await claim(store, owner="b", now=NOW + 5, ordered=True, limit=1) == []
+    assert await claim(store, owner="b", now=NOW + 10, ordered=True, limit=1) == [first]
     retried = await store.get(first)
     assert retried is not None and retried.attempts == 1 and retried.last_error == "connect_failure"
     assert await store.mark_delivered(first, owner="b", now=NOW + 11, attempts=2, status=204)
-    assert await claim(store, owner="b", now=NOW + 11, ordered=True) == [second]
+    assert await claim(store, owner="b", now=NOW + 11, ordered=True, limit=1) == [second]
     # A dead head leaves the line.
     assert await store.mark_dead(second, owner="b", now=NOW + 12, attempts=1, reason="rejected", error=None,
                                  status=400)
-    assert await claim(store, owner="b", now=NOW + 12, ordered=True) == [third]
+    assert await claim(store, owner="b", now=NOW + 12, ordered=True, limit=1) == [third]
+
+
+async def test_an_ordered_claim_hands_out_the_line_up_to_the_first_message_not_free(store: Store) -> None:
+    first, second, third, fourth = await accept_all(store, 4)
+    assert await claim(store, owner="a", ordered=True, limit=2) == [first, second]
+    assert await claim(store, owner="b", ordered=True) == []  # the head is held
+    assert await store.mark_delivered(first, owner="a", now=NOW, attempts=1, status=200)
+    assert await store.reschedule(second, owner="a", now=NOW, attempts=1, next_attempt_at=NOW + 10,
+                                  error="timeout", status=None)
+    assert await claim(store, owner="b", now=NOW + 1, ordered=True) == []  # the new head waits
+    assert await claim(store, owner="b", now=NOW + 10, ordered=True) == [second, third, fourth]
+    # Given back (the head must wait again), the rest keeps its place behind it.
+    assert await store.release(fourth, owner="b", now=NOW + 10)
+    assert await store.release(third, owner="b", now=NOW + 10)
+    assert await store.mark_dead(second, owner="b", now=NOW + 10, attempts=2, reason="rejected", error=None,
+                                 status=404)
+    assert await claim(store, owner="c", now=NOW + 11, ordered=True) == [third, fourth]
 
 
 async def test_unordered_claims_pass_a_waiting_message(store: Store) -> None:
@@ -257,7 +274,7 @@ async def test_dead_letters_retry_redrive_and_delete(store: Store) -> None:
     again = await store.get(first)
     assert again is not None and again.status is Status.QUEUED and again.attempts == 0
     assert again.queued_at == NOW + 50 and again.dead_reason is None
-    assert await claim(store, owner="b", now=NOW + 50, ordered=True) == [later]
+    assert await claim(store, owner="b", now=NOW + 50, ordered=True, limit=1) == [later]
 
     # redrive: every dead one of the route.
     assert await store.redrive("hooks", now=NOW + 60) == 2

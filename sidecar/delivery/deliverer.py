@@ -4,9 +4,11 @@ It knows nothing of HTTP: `send(message) -> Outcome` is injected (the proxy pass
 the route's stack with its synchronous retries off), and so is `breaker_open()`: while the route's
 breaker is open the loop claims nothing, so waiting spends no attempts.
 
-Concurrency 1 claims only the head of the line (store `ordered=True`) and sends one message at a
-time: the upstream sees messages in the order they were accepted. More claims up to that many
-due messages at once, in no particular order.
+Concurrency 1 claims the first messages of the line (store `ordered=True`, up to ORDERED_BATCH)
+and sends them one at a time: the upstream sees messages in the order they were accepted. When
+one must wait for a retry, the rest of the batch goes back untouched, behind it. The outcome of a
+delivered message is recorded while the next one is sent, so records share commits. More than 1
+claims up to that many due messages at once, in no particular order.
 
 `stop(grace)` lets attempts in flight finish for up to `grace` seconds, then cancels them and gives
 their messages back to the queue (another worker, or the next start, delivers them).
@@ -17,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Awaitable, Callable
 
 from sidecar.delivery.model import Decision, Message, Outcome, Schedule, Verdict
@@ -27,6 +32,15 @@ log = logging.getLogger("sidecar.delivery")
 Send = Callable[[Message], Awaitable[Outcome]]
 # Called after each message's outcome is recorded: metrics (sidecar_deliveries_total) and events.
 OnDecision = Callable[[Message, Decision], None]
+# Messages claimed at once from the head of an ordered line: fewer commits per message. Each is
+# sent only after the one before it was delivered or went dead, so the lease must cover the time
+# of one attempt plus the quick ones before it.
+ORDERED_BATCH = 32
+
+
+def new_owner() -> str:
+    """A lease holder's name, unique per process: host, pid and a random part (pids repeat across pods)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Deliverer:
@@ -48,7 +62,8 @@ class Deliverer:
         self.concurrency = schedule.policy.concurrency
         self._wake = asyncio.Event()
         self._stopping = False
-        self._in_flight: dict[asyncio.Task[None], Message] = {}
+        # Each task's claimed messages whose outcome is not recorded yet (released on stop).
+        self._in_flight: dict[asyncio.Task[None], list[Message]] = {}
         self._task: asyncio.Task[None] | None = None
         self._next_purge = 0.0
 
@@ -70,9 +85,10 @@ class Deliverer:
             task.cancel()
         if unfinished:
             await asyncio.wait([task for task, _ in unfinished], timeout=1.0)
-        for _, message in unfinished:
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.release(message.id, owner=self.owner, now=self.schedule.clock())
+        for _, messages in unfinished:
+            for message in messages:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.release(message.id, owner=self.owner, now=self.schedule.clock())
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=1.0)
@@ -96,13 +112,15 @@ class Deliverer:
         free = self.concurrency - len(self._in_flight)
         if free <= 0 or self.breaker_open():
             return 0
+        ordered = self.concurrency == 1
         messages = await self.store.claim_due(
-            self.route, owner=self.owner, now=self.schedule.clock(), lease=self.lease, limit=free,
-            ordered=self.concurrency == 1,
+            self.route, owner=self.owner, now=self.schedule.clock(), lease=self.lease,
+            limit=ORDERED_BATCH if ordered else free, ordered=ordered,
         )
-        for message in messages:
-            task = asyncio.create_task(self._attempt(message), name=f"deliver {message.id}")
-            self._in_flight[task] = message
+        batches = [messages] if ordered and messages else [[message] for message in messages]
+        for batch in batches:
+            task = asyncio.create_task(self._deliver(batch), name=f"deliver {batch[0].id}")
+            self._in_flight[task] = batch
             task.add_done_callback(self._finished)
         return len(messages)
 
@@ -117,7 +135,29 @@ class Deliverer:
                 await self._wake.wait()
         self._wake.clear()
 
-    async def _attempt(self, message: Message) -> None:
+    async def _deliver(self, batch: list[Message]) -> None:
+        """Send the batch in order; `batch` shrinks as outcomes are decided (stop() releases the rest)."""
+        records: list[asyncio.Task[None]] = []
+        try:
+            while batch:
+                message = batch[0]
+                decision, outcome = await self._attempt(message)
+                records.append(asyncio.create_task(self._record_and_report(message, decision, outcome)))
+                batch.pop(0)
+                if decision.verdict is Verdict.RETRY and batch:
+                    # The head waits for its retry; the others go back untouched, behind it.
+                    await asyncio.gather(*records)
+                    now = self.schedule.clock()
+                    await asyncio.gather(
+                        *(self.store.release(rest.id, owner=self.owner, now=now) for rest in batch),
+                        return_exceptions=True,  # unreleased ones come back when their lease passes
+                    )
+                    batch.clear()
+        finally:
+            if records:
+                await asyncio.wait(records)
+
+    async def _attempt(self, message: Message) -> tuple[Decision, Outcome]:
         if self.schedule.expired(message):
             decision = Decision(Verdict.DEAD, message.attempts, dead_reason="expired")
             outcome = Outcome()
@@ -130,6 +170,9 @@ class Deliverer:
                 log.exception("delivery of %s on route %s failed unexpectedly", message.id, self.route)
                 outcome = Outcome(error="internal")
             decision = self.schedule.decide(message, outcome)
+        return decision, outcome
+
+    async def _record_and_report(self, message: Message, decision: Decision, outcome: Outcome) -> None:
         try:
             recorded = await self._record(message, decision, outcome)
         except StoreUnavailable as exc:

@@ -138,22 +138,30 @@ local function requeue_due()
 end
 if ordered == '1' then
   requeue_due()  -- retries scheduled while the route was unordered rejoin the line, at its end
-  local entry, id, pending = head()
-  if not entry then return {} end
-  if not pending then
-    read(1)
-    return claimed
+  -- The first `limit` entries of the line, in order, up to the first that is not free and due.
+  for _, item in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', limit)) do
+    local entry, id = item[1], item[2][2]
+    local fields = redis.call('HMGET', p .. 'm:' .. id, 'status', 'next_attempt_at')
+    local waiting = fields[1] == 'queued' and tonumber(fields[2]) > now
+    if redis.call('XPENDING', stream, 'deliverers', entry, entry, 1)[1] then
+      if waiting then break end  -- waiting for its retry: it holds back the whole line
+      if fields[1] == 'delivering' then
+        -- another worker's: taken over only once idle past the lease
+        if #redis.call('XCLAIM', stream, 'deliverers', owner, lease_ms, entry) == 0 then break end
+      else
+        redis.call('XCLAIM', stream, 'deliverers', owner, 0, entry)
+      end
+      take(entry, id)
+    else
+      if waiting then break end
+      -- Everything before it is pending or gone, so the group's next new entry is this one.
+      local got = redis.call('XREADGROUP', 'GROUP', 'deliverers', owner, 'COUNT', 1, 'STREAMS', stream, '>')
+      if not got then break end
+      local read = got[1][2][1]
+      take(read[1], read[2][2])
+      if read[1] ~= entry then break end
+    end
   end
-  local fields = redis.call('HMGET', p .. 'm:' .. id, 'status', 'next_attempt_at')
-  if fields[1] == 'queued' then
-    -- waiting for its retry: it holds back the whole line until it is due
-    if tonumber(fields[2]) > now then return {} end
-    redis.call('XCLAIM', stream, 'deliverers', owner, 0, entry)
-  elseif fields[1] == 'delivering' then
-    -- another worker's: taken over only once idle past the lease
-    if #redis.call('XCLAIM', stream, 'deliverers', owner, lease_ms, entry) == 0 then return {} end
-  end
-  take(entry, id)
   return claimed
 end
 local entry, id, pending = head()

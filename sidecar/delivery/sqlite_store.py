@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import queue
 import sqlite3
@@ -254,10 +255,11 @@ class SqliteStore:
     ) -> list[Message]:
         def op(db: sqlite3.Connection) -> list[Message]:
             if ordered:
-                head = db.execute(
-                    f"SELECT {_COLUMNS} FROM messages WHERE route = ? AND {_IN_LINE} ORDER BY seq LIMIT 1", (route,)
-                ).fetchone()
-                rows = [head] if head is not None and _claimable(_message(head), now) else []
+                line = db.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE route = ? AND {_IN_LINE} ORDER BY seq LIMIT ?",
+                    (route, limit),
+                ).fetchall()
+                rows = list(itertools.takewhile(lambda row: _claimable(_message(row), now), line))
             else:
                 rows = db.execute(
                     f"SELECT {_COLUMNS} FROM messages WHERE route = ? AND status = 'delivering'"

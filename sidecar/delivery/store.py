@@ -7,9 +7,10 @@ The contract, which tests/test_delivery_store.py checks for both:
   `max_pending` or `max_bytes` raises QueueFull and stores nothing; storage that cannot be
   written raises StoreUnavailable.
 - `claim_due` hands due messages to one owner under a lease; a message whose lease expired
-  (its worker died) can be claimed by another owner. `ordered=True` (concurrency 1) hands out
-  only the oldest unfinished message of the route, and only when it is due: a message waiting
-  for a retry holds back the ones behind it.
+  (its worker died) can be claimed by another owner; every claimer of a route passes the same
+  lease. `ordered=True` (concurrency 1) hands out the first `limit` unfinished messages of the
+  route in line order, stopping at the first one that is not free and due: a message waiting for
+  a retry, or held by another owner, holds back the ones behind it.
 - The `mark_*`, `reschedule` and `release` calls apply only for the lease's current owner and
   return False otherwise (the lease expired and another owner took the message).
 - `retry` and `redrive` put dead messages back in the queue with a fresh set of attempts and a
