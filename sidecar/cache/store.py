@@ -69,6 +69,10 @@ class Store:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def items(self) -> list[tuple[str, Entry]]:
+        """Every (key, entry), least recently used first, without marking any used."""
+        return [(key, entry) for (key, _), entry in self._lru.items()]
+
     def variants(self, key: str) -> list[Entry]:
         """The entries stored under `key`, most recently fetched first; marks them used.
 
@@ -81,7 +85,7 @@ class Store:
         found = []
         for variant in list(variant_keys):
             entry = self._lru[key, variant]
-            if entry.freshness.useless_after <= now:
+            if entry.freshness.useless_after < now:
                 self._remove(key, variant)
                 continue
             self._lru.move_to_end((key, variant))
