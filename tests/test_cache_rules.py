@@ -17,6 +17,7 @@ from sidecar.cache.store import Entry
 
 T0 = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
 DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
+NO_DEFAULTS = Defaults()
 
 
 def at(seconds: float) -> str:
@@ -29,7 +30,7 @@ def h(*pairs: tuple[str, str]) -> CIMultiDict[str]:
 
 
 def entry(*pairs: tuple[str, str], request: CIMultiDict[str] | None = None, request_time: float = T0,
-          response_time: float = T0, defaults: Defaults = Defaults(), body: bytes = b"body") -> Entry:
+          response_time: float = T0, defaults: Defaults = NO_DEFAULTS, body: bytes = b"body") -> Entry:
     headers = h(*pairs)
     vary = rules.vary_names(headers)
     return Entry(

@@ -172,7 +172,9 @@ operations = st.lists(
 @example(max_bytes=9000, max_entry=4000, ops=[("put", i, 3000, 0, 0) for i in range(6)])
 @given(max_bytes=st.integers(min_value=1, max_value=40_000), max_entry=st.integers(min_value=0, max_value=8000),
        ops=operations)
-def test_byte_bound_is_never_exceeded(max_bytes: int, max_entry: int, ops: list[tuple[str, int, int, int, int]]) -> None:
+def test_byte_bound_is_never_exceeded(
+    max_bytes: int, max_entry: int, ops: list[tuple[str, int, int, int, int]],
+) -> None:
     store = Store(max_bytes, max_entry, Clock())
     for op, key, size, variant, extra in ops:
         path = f"/k/{key}"
