@@ -46,12 +46,13 @@ class Coalescer(Generic[T]):
     def __init__(self, shareable: Callable[[T], bool]) -> None:
         self._shareable = shareable
         self._flights: dict[Hashable, asyncio.Future[T]] = {}
+        self.waiting = 0  # followers waiting right now, over all keys
 
     @property
     def in_flight(self) -> int:
         return len(self._flights)
 
-    def waiting_on(self, key: Hashable) -> bool:
+    def has_flight(self, key: Hashable) -> bool:
         return key in self._flights
 
     async def run(self, key: Hashable, fetch: Callable[[], Awaitable[T]], deadline: float) -> Joined[T]:
@@ -66,7 +67,11 @@ class Coalescer(Generic[T]):
                 return Joined(Role.TIMED_OUT)
             # asyncio.wait, not wait_for: a follower's timeout or cancellation must not
             # cancel the flight the others share.
-            done, _ = await asyncio.wait((flight,), timeout=wait)
+            self.waiting += 1
+            try:
+                done, _ = await asyncio.wait((flight,), timeout=wait)
+            finally:
+                self.waiting -= 1
             if not done:
                 return Joined(Role.TIMED_OUT)
             failure = flight.exception()

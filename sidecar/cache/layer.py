@@ -330,7 +330,7 @@ class _CachedHandler:
         """Stale-while-revalidate: one request refreshes the entry while callers get it stale."""
         cache = self.cache
         key = call.target
-        if cache.coalescer.waiting_on(key):
+        if cache.coalescer.has_flight(key):
             return  # a request for this key is on its way already
         assert decision.entry is not None
         headers = CIMultiDict(call.headers)
