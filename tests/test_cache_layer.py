@@ -473,3 +473,47 @@ async def test_waiters_share_a_failure_and_all_get_the_stale_entry(
     assert {(status, body, headers["x-sidecar-cache"], headers["x-sidecar-stale-reason"])
             for status, body, headers in answers} == {(200, BODY, "STALE", "status_503")}
     assert len(upstream.hits_for("/a")) == 2
+
+
+async def test_an_answer_from_the_entry_carries_its_own_request_id(
+    proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
+) -> None:
+    with_cache(proxy, clock)
+
+    async def echoing(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        return web.Response(body=BODY, headers={
+            "Cache-Control": "max-age=60", "X-Request-Id": request.headers["X-Request-Id"]})
+
+    upstream.on("/a", echoing)
+    _, _, first = await get(client, proxy, X_Request_Id="first")
+    _, _, second = await get(client, proxy, X_Request_Id="second")
+    assert (first["X-Request-Id"], second["X-Request-Id"], second["x-sidecar-cache"]) == ("first", "second", "HIT")
+
+
+async def test_a_204_is_stored_and_answered_without_a_body(
+    proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
+) -> None:
+    with_cache(proxy, clock)
+    upstream.on("/a", answer(b"", status=204, Cache_Control="max-age=60"))
+    await get(client, proxy)
+    status, body, headers = await get(client, proxy)
+    assert (status, body, headers["x-sidecar-cache"]) == (204, b"", "HIT")
+    assert "Content-Length" not in headers
+    assert len(upstream.hits_for("/a")) == 1
+
+
+async def test_a_get_with_a_body_bypasses_the_cache(
+    proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
+) -> None:
+    cache = with_cache(proxy, clock)
+    async def search(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        hit.body = await request.read()
+        return web.Response(body=hit.body, headers={"Cache-Control": "max-age=60"})
+
+    upstream.on("/search", search)
+    for query in (b'{"q": 1}', b'{"q": 2}'):
+        async with client.get(proxy.url + "/search", data=query) as response:
+            assert (response.status, await response.read(), response.headers["x-sidecar-cache"]) == (
+                200, query, "BYPASS")
+    assert [hit.body for hit in upstream.hits_for("/search")] == [b'{"q": 1}', b'{"q": 2}']
+    assert len(cache.store) == 0

@@ -213,6 +213,12 @@ def test_decide(method: str, asked: CIMultiDict[str], stored: tuple[tuple[str, s
     assert (decision.action, decision.reason) == (action, reason)
 
 
+def test_a_get_with_a_body_bypasses() -> None:
+    stored = entry(*VALIDATED)
+    decision = decide("GET", h(), [stored], T0, has_body=True)
+    assert (decision.action, decision.reason) == (Action.BYPASS, "request_body")
+
+
 def test_stale_while_revalidate_window() -> None:
     stored = entry(("Cache-Control", "max-age=60, stale-while-revalidate=30"), ("ETag", '"v1"'), ("Date", DATE))
     assert decide("GET", h(), [stored], T0 + 59).action is Action.SERVE

@@ -171,7 +171,7 @@ class _CachedHandler:
         now = cache.clock()
         key = call.target
         entries = self.store.variants(key) if call.method in LOOKUP_METHODS else []
-        decision = decide(call.method, call.headers, entries, now)
+        decision = decide(call.method, call.headers, entries, now, call.body is not None)
         action, entry = decision.action, decision.entry
         if action is Action.BYPASS:
             cache.counted(Label.BYPASS)
@@ -304,8 +304,9 @@ class _CachedHandler:
 
     def stored(self, response: UpstreamResponse, body: bytes, request_headers: Headers, request_time: float,
                response_time: float) -> Entry:
-        fields = stored_fields(response.headers)
-        if "Content-Length" not in response.headers:
+        # X-Request-Id names one exchange: a later answer from the entry carries its own request's.
+        fields = tuple(pair for pair in stored_fields(response.headers) if pair[0].lower() != "x-request-id")
+        if "Content-Length" not in response.headers and response.status != 204:
             fields = (*fields, ("Content-Length", str(len(body))))  # framed as it will be sent
         vary = vary_names(response.headers)
         return Entry(
