@@ -295,7 +295,7 @@ class _CachedHandler:
         if label is not Label.MISS:
             headers.popall("Age", None)
             headers["Age"] = str(int(entry.freshness.age(now)))
-        headers[CACHE_HEADER] = label
+        headers[CACHE_HEADER] = label.value
         if stale_reason is not None:
             headers[STALE_REASON_HEADER] = stale_reason
         if method == "HEAD":
@@ -370,7 +370,7 @@ def _take_conditions(headers: CIMultiDict[str]) -> CIMultiDict[str]:
 def _labelled(response: UpstreamResponse, label: Label) -> UpstreamResponse:
     """The upstream's response with x-sidecar-cache added (its parsed headers are read-only)."""
     headers = CIMultiDict(response.headers)
-    headers[CACHE_HEADER] = label
+    headers[CACHE_HEADER] = label.value
     response.headers = CIMultiDictProxy(headers)
     return response
 
