@@ -517,3 +517,25 @@ async def test_a_get_with_a_body_bypasses_the_cache(
                 200, query, "BYPASS")
     assert [hit.body for hit in upstream.hits_for("/search")] == [b'{"q": 1}', b'{"q": 2}']
     assert len(cache.store) == 0
+
+
+async def test_a_waiter_gives_up_at_its_own_deadline(
+    proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
+) -> None:
+    cache = with_cache(proxy, clock)
+    gate = Gate()
+
+    async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        await gate(request, hit)
+        return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
+
+    upstream.on("/a", held)
+    leader = asyncio.create_task(get(client, proxy))
+    await gate.until_waiting(1)
+    status, _, headers = await get(client, proxy, x_sidecar_timeout_ms="50")  # waits, then gives up
+    assert (status, headers["x-sidecar-error"]) == (504, "timeout")
+    assert not leader.done()
+    gate.release.set()
+    assert (await leader)[0] == 200
+    assert len(upstream.hits_for("/a")) == 1
+    assert cache.coalescer.waiting == 0
