@@ -18,7 +18,7 @@ from aiohttp import web
 from sidecar.cache.layer import RouteCache, cache_layer
 from sidecar.config.cache import Cache
 from sidecar.config.units import decode_hook
-from sidecar.proxy import ActiveRoute
+from sidecar.proxy.listener import ActiveRoute
 from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, route_yaml, wait_until
 
 BODY = b"the stored answer " * 20

@@ -57,22 +57,19 @@ from sidecar.cache.rules import (
     vary_names,
 )
 from sidecar.cache.store import Entry, Store
-from sidecar.call import Call, Handler, Layer, passthrough
 from sidecar.config.cache import Cache
 from sidecar.errors import SidecarError, UpstreamReset, UpstreamTimeout
-from sidecar.upstream_client import UpstreamResponse
+from sidecar.proxy.call import Call, Handler, Layer, Response, passthrough
 
 log = logging.getLogger("sidecar.cache")
 CONDITIONAL_FIELDS = ("If-None-Match", "If-Modified-Since")
 
 
-class StoredResponse(UpstreamResponse):
-    """An answer made from a stored entry, with the surface relay.py reads: status, reason,
-    headers, a `content` StreamReader already at EOF, and release()/close() that have no
-    connection to give back. UpstreamResponse's constructor is skipped on purpose: there
-    is no connection behind this one."""
+class StoredResponse:
+    """An answer made from a stored entry: a `Response` (proxy/call.py) whose `content` is a
+    StreamReader already at EOF, and whose release()/close() have no connection to give back."""
 
-    __slots__ = ()
+    __slots__ = ("content", "headers", "reason", "status")
 
     def __init__(self, status: int, reason: str, headers: CIMultiDict[str], body: bytes, protocol: BaseProtocol,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -99,7 +96,7 @@ class Fetched:
 
     entry: Entry | None = None  # stored (or refreshed by a 304): shareable
     label: Label = Label.MISS  # how `entry` came to be, for the caller who fetched it
-    response: UpstreamResponse | None = None  # passed through; owned by the caller who fetched it
+    response: Response | None = None  # passed through; owned by the caller who fetched it
     failure: str | None = None  # a failure a stale entry may cover (error kind or status_NNN)
     error: SidecarError | None = None  # the error behind `failure`, raised when no entry covers it
 
@@ -166,7 +163,7 @@ class _CachedHandler:
         self.store = cache.store
         self.inner = inner
 
-    async def handle(self, call: Call) -> UpstreamResponse:
+    async def handle(self, call: Call) -> Response:
         cache = self.cache
         now = cache.clock()
         key = call.target
@@ -200,7 +197,7 @@ class _CachedHandler:
         return await self.coalesced(call, decision, conditions, key)
 
     async def coalesced(self, call: Call, decision: Decision, conditions: Headers, key: object,
-                        rejoined: bool = False) -> UpstreamResponse:
+                        rejoined: bool = False) -> Response:
         cache = self.cache
         deadline = min(call.deadline, cache.loop.time() + min(cache.total_timeout, call.timeout or cache.total_timeout))
         joined = await cache.coalescer.run(key, lambda: self.fetch(call, decision), deadline)
@@ -265,7 +262,7 @@ class _CachedHandler:
         self.store.put(call.target, new)
         return Fetched(entry=new)
 
-    def finish(self, call: Call, decision: Decision, fetched: Fetched, conditions: Headers) -> UpstreamResponse:
+    def finish(self, call: Call, decision: Decision, fetched: Fetched, conditions: Headers) -> Response:
         cache = self.cache
         if fetched.entry is not None:
             return self.answer(call.method, conditions, fetched.entry, fetched.label, cache.clock())
@@ -302,7 +299,7 @@ class _CachedHandler:
             body = b""  # the headers (Content-Length included) are the GET's; relay sends no body
         return StoredResponse(status, reason, headers, body, self.cache.protocol, self.cache.loop)
 
-    def stored(self, response: UpstreamResponse, body: bytes, request_headers: Headers, request_time: float,
+    def stored(self, response: Response, body: bytes, request_headers: Headers, request_time: float,
                response_time: float) -> Entry:
         # X-Request-Id names one exchange: a later answer from the entry carries its own request's.
         fields = tuple(pair for pair in stored_fields(response.headers) if pair[0].lower() != "x-request-id")
@@ -367,7 +364,7 @@ def _take_conditions(headers: CIMultiDict[str]) -> CIMultiDict[str]:
     return taken
 
 
-def _labelled(response: UpstreamResponse, label: Label) -> UpstreamResponse:
+def _labelled(response: Response, label: Label) -> Response:
     """The upstream's response with x-sidecar-cache added (its parsed headers are read-only)."""
     headers = CIMultiDict(response.headers)
     headers[CACHE_HEADER] = label.value
@@ -375,7 +372,7 @@ def _labelled(response: UpstreamResponse, label: Label) -> UpstreamResponse:
     return response
 
 
-def _known_size(response: UpstreamResponse, limit: int) -> int | None:
+def _known_size(response: Response, limit: int) -> int | None:
     """The body's size when it is known before reading and at most `limit`; None otherwise."""
     length = response.headers.get("Content-Length")
     if length is not None:
@@ -387,7 +384,7 @@ def _known_size(response: UpstreamResponse, limit: int) -> int | None:
     return None
 
 
-async def _read_body(response: UpstreamResponse, size: int, idle: float) -> bytes:
+async def _read_body(response: Response, size: int, idle: float) -> bytes:
     """The whole body of `size` bytes; the connection goes back to the pool after it.
     A body that stalls for `idle` or breaks off raises timeout or upstream_reset."""
     content = response.content

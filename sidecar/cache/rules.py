@@ -24,7 +24,7 @@ from typing import Any
 
 from multidict import CIMultiDict, MultiMapping
 
-from sidecar.headers import HOP_BY_HOP
+from sidecar.wire.headers import HOP_BY_HOP
 
 Headers = MultiMapping[str]
 Fields = tuple[tuple[str, str], ...]
