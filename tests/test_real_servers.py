@@ -347,7 +347,7 @@ def loaded_loop(hold: float) -> Iterator[None]:
     ("gunicorn_threads", sweep(1.95, 2.05, 21)),
     # Node closes a connection idle for keepAliveTimeout (5 s) about 1 s later: at 6 s.
     ("node", sweep(5.90, 6.10, 7)),
-])
+], ids=["gunicorn-gthread", "node"])
 async def test_idle_pauses_around_the_upstreams_keepalive_timeout_cost_nothing(
     server_name: str, pauses: list[float], request: pytest.FixtureRequest, sidecar_factory: SidecarFactory,
 ) -> None:
