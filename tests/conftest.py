@@ -11,7 +11,7 @@ import asyncio
 import io
 import json
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,15 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.config import Address, parse_config
 from sidecar.runtime.sidecar import Sidecar
+from tests.realservers import (
+    AiohttpCaller,
+    Caller,
+    CurlCaller,
+    HttpxCaller,
+    RealServer,
+    RealServers,
+    RequestsCaller,
+)
 
 Behaviour = Callable[[web.BaseRequest, "Hit"], Awaitable[web.StreamResponse]]
 RawBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -260,3 +269,66 @@ async def raw_upstream() -> AsyncIterator[Callable[[RawBehaviour], Awaitable[int
         task.cancel()
     for server in servers:
         server.close()
+
+
+# Real servers (gunicorn, Node) and real clients (requests, httpx, aiohttp, curl): tests/realservers.py.
+
+
+@pytest.fixture(scope="session")
+def real_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServers]:
+    """Start real server processes; every one is stopped at the end of the session at the latest."""
+    servers = RealServers(tmp_path_factory.mktemp("real-servers"))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="module")
+def gunicorn(real_servers: RealServers) -> Iterator[RealServer]:
+    """gunicorn with its defaults: one sync worker, `Connection: close` on every answer."""
+    server = real_servers.gunicorn()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gunicorn_threads(real_servers: RealServers) -> Iterator[RealServer]:
+    """gunicorn's gthread worker: keeps idle connections alive for its default 2 s."""
+    server = real_servers.gunicorn("--threads", "4")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def node(real_servers: RealServers) -> Iterator[RealServer]:
+    """Node's http server with its defaults (keepAliveTimeout 5 s)."""
+    server = real_servers.node()
+    yield server
+    server.stop()
+
+
+CALLERS = ("requests", "httpx", "aiohttp", "curl")
+
+
+@pytest.fixture
+async def callers(tmp_path: Path) -> AsyncIterator[Callable[[str], Caller]]:
+    """make(name) -> a new caller of that kind (one of CALLERS); all are closed at teardown."""
+    made: list[Caller] = []
+
+    def make(name: str) -> Caller:
+        caller: Caller
+        if name == "requests":
+            caller = RequestsCaller()
+        elif name == "httpx":
+            caller = HttpxCaller()
+        elif name == "aiohttp":
+            caller = AiohttpCaller()
+        elif name == "curl":
+            caller = CurlCaller(tmp_path)
+        else:
+            raise ValueError(f"unknown caller {name!r}")
+        made.append(caller)
+        return caller
+
+    yield make
+    for caller in made:
+        await caller.close()
