@@ -24,8 +24,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import StreamReader
-from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.cache.coalesce import Coalescer, Role
@@ -60,6 +58,7 @@ from sidecar.cache.store import Entry, Store
 from sidecar.config.cache import Cache
 from sidecar.errors import SidecarError, UpstreamReset, UpstreamTimeout
 from sidecar.proxy.call import Call, Handler, Layer, Response, passthrough
+from sidecar.wire.answer import complete_content
 
 log = logging.getLogger("sidecar.cache")
 CONDITIONAL_FIELDS = ("If-None-Match", "If-Modified-Since")
@@ -71,17 +70,11 @@ class StoredResponse:
 
     __slots__ = ("content", "headers", "reason", "status")
 
-    def __init__(self, status: int, reason: str, headers: CIMultiDict[str], body: bytes, protocol: BaseProtocol,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, status: int, reason: str, headers: CIMultiDict[str], body: bytes) -> None:
         self.status = status
         self.reason = reason
         self.headers = CIMultiDictProxy(headers)
-        # A limit above the body's size: feeding it never asks the (absent) transport to pause.
-        content = StreamReader(protocol, max(len(body), 2**16), loop=loop)
-        if body:
-            content.feed_data(body)
-        content.feed_eof()
-        self.content = content
+        self.content = complete_content(body)
 
     def release(self) -> None:
         return None
@@ -121,7 +114,6 @@ class RouteCache:
         self.defaults = Defaults(spec.default_ttl, spec.stale_if_error, spec.stale_while_revalidate)
         self.results: Counter[str] = Counter()  # answers by x-sidecar-cache label
         self.on_result: Callable[[str], None] | None = None  # e.g. a metrics counter's inc
-        self.protocol = BaseProtocol(self.loop)  # the inert protocol of stored bodies' readers
         self._background: set[asyncio.Task[None]] = set()
 
     def snapshot(self) -> dict[str, Any]:
@@ -297,7 +289,7 @@ class _CachedHandler:
             headers[STALE_REASON_HEADER] = stale_reason
         if method == "HEAD":
             body = b""  # the headers (Content-Length included) are the GET's; relay sends no body
-        return StoredResponse(status, reason, headers, body, self.cache.protocol, self.cache.loop)
+        return StoredResponse(status, reason, headers, body)
 
     def stored(self, response: Response, body: bytes, request_headers: Headers, request_time: float,
                response_time: float) -> Entry:
