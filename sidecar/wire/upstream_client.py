@@ -49,6 +49,12 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # A pooled connection idle for longer than this may be one the upstream is closing right now:
 # look for its EOF in the socket before reusing it (one recv, only for such connections).
 PEEK_AFTER_IDLE = 0.25
+# An endpoint that sent bytes nobody asked for (a late second response, a 408 on an idle
+# connection, bytes past a response's end) gets no connection reused for this long: when such
+# bytes can arrive at any moment, some will land while a request is in flight and be read as its
+# answer, which no HTTP/1.1 client can tell apart. A fresh connection per request cannot carry
+# them to anyone.
+DISTRUST_SECONDS = 60.0
 # Bytes read from a connection whose request body failed to send, looking for the answer that
 # the upstream sent before it closed (an early 401 or 413 to an upload it did not read).
 SALVAGE_LIMIT = 1 << 20
@@ -71,16 +77,23 @@ class Connection(ResponseHandler):
     in_flight = False  # a request was sent and its response is not complete yet
     endpoint = ""  # for the counters
     counters: ConnectionCounters | None = None
+    pool: Pool | None = None  # the pool of its endpoint, told when the endpoint misbehaves
 
     def data_received(self, data: bytes) -> None:
         if data and not self.in_flight:
             # A late second response, a 408 before an idle close, garbage: never let the next
             # request on this connection read it as its own answer.
-            if self.counters is not None:
-                self.counters.unsolicited(self.endpoint)
-            self.abort()
+            self.misbehaved()
             return
         super().data_received(data)
+
+    def misbehaved(self) -> None:
+        """Bytes nobody asked for: close this connection, count it, distrust the endpoint."""
+        if self.counters is not None:
+            self.counters.unsolicited(self.endpoint)
+        if self.pool is not None:
+            self.pool.distrust(self._loop.time() + DISTRUST_SECONDS)
+        self.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if exc is not None and self.in_flight and self.transport is not None:
@@ -110,17 +123,18 @@ class Connection(ResponseHandler):
             received += len(data)
             super().data_received(data)
 
-    def ended_exactly(self) -> bool:
-        """Whether the parser stands between two messages: nothing queued, nothing half-read.
-        (feed_eof on an idle parser does nothing; on one holding the start of another message
-        it returns or raises.)"""
-        if self.should_close:  # Connection: close, a queued message, unread bytes
-            return False
+    def holds_more(self) -> bool:
+        """Whether bytes arrived past the end of the response just read: a queued message,
+        unparsed bytes, or the start of another message inside the parser. (feed_eof on a
+        parser between two messages does nothing; on one holding a partial message it returns
+        or raises.)"""
+        if self._buffer or self._tail:
+            return True
         parser = self._parser
         try:
-            return parser is None or parser.feed_eof() is None
+            return parser is not None and parser.feed_eof() is not None
         except Exception:  # noqa: BLE001 - whatever it holds, it is not a clean boundary
-            return False
+            return True
 
     def shows_eof(self) -> bool:
         """Whether the upstream closed this idle connection, seen in its socket before the loop
@@ -144,10 +158,16 @@ class Pool:
     """An endpoint's idle connections, oldest on the left, each with the loop times it expires
     and it became idle."""
 
-    __slots__ = ("idle",)
+    __slots__ = ("distrusted_until", "idle")
 
     def __init__(self) -> None:
         self.idle: deque[tuple[Connection, float, float]] = deque()
+        self.distrusted_until = 0.0  # loop time; until then no connection goes back
+
+    def distrust(self, until: float) -> None:
+        self.distrusted_until = until
+        while self.idle:  # they may hold the same kind of bytes, not yet arrived
+            self.idle.pop()[0].abort()
 
 
 class UpstreamResponse:
@@ -182,14 +202,18 @@ class UpstreamResponse:
             # way: the request's framing on this connection is unfinished.
             sending.cancel()
             connection.abort()
-        elif connection.is_connected() and self.content.is_eof() and connection.ended_exactly():
+        elif not (connection.is_connected() and self.content.is_eof()):
+            connection.abort()  # body unread or broken: the connection's framing is unknown
+        elif connection.holds_more():
+            connection.misbehaved()  # bytes past the response's end: they must reach nobody
+        elif connection.should_close:  # Connection: close, or the parser failed
+            connection.close()
+        else:
             if self._chunked:
                 # llhttp keeps the last trailer field it saw and hands it to the next message
                 # as a header: a chunked response's parser is never used again.
                 connection.head_only = None
             self._client.give_back(self._pool, connection, self._endpoint, self.headers)
-        else:
-            connection.abort()  # body unread or broken, or bytes past its end: framing unknown
 
     def detach(self) -> Connection:
         """Hand the connection over for good (a WebSocket tunnel after `101`): never pooled again."""
@@ -228,6 +252,7 @@ class UpstreamClient:
         reused = connection is not None
         if connection is None:
             connection = await self._connect(endpoint, connect_timeout)
+            connection.pool = pool
         connection.in_flight = True
         head_only = method == "HEAD"
         if connection.head_only is not head_only:
@@ -267,11 +292,11 @@ class UpstreamClient:
         idle_for = endpoint.keepalive
         if (says := headers.get("Keep-Alive")) is not None:
             idle_for = min(idle_for, _keep_alive_limit(says))
-        if idle_for <= 0:
+        now = self._loop.time()
+        if idle_for <= 0 or now < pool.distrusted_until:
             connection.close()
             return
         connection.in_flight = False
-        now = self._loop.time()
         pool.idle.append((connection, now + idle_for, now))
         if self._sweep is None:
             self._sweep = self._loop.call_later(idle_for, self._sweep_idle)
