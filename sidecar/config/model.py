@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -91,7 +91,7 @@ class Config:
     routes: tuple[RouteSpec, ...]
     # Values that came from secret-named environment variables: redacted wherever shown.
     secrets: frozenset[str] = frozenset()
-    delivery: DeliveryStore = DeliveryStore()  # where queued routes keep their messages
+    delivery: DeliveryStore = field(default_factory=DeliveryStore)  # where queued routes keep their messages
 
     @property
     def listeners(self) -> tuple[Address, ...]:
