@@ -56,7 +56,7 @@ def delivery_routes(service: Callable[[], DeliveryService | None]) -> Callable[[
             limit_text = query.get("limit", "100")
             if not (limit_text.isascii() and limit_text.isdigit() and 1 <= int(limit_text[:6]) <= MAX_PAGE):
                 return _error(400, "bad_request", f"limit must be a whole number from 1 to {MAX_PAGE}")
-            after = query.get("after") or None
+            after = query.get("after")
             if after is not None and not _ID.match(after):
                 return _error(400, "bad_request", "after must be a delivery id from a previous page")
             delivery = service()
@@ -111,9 +111,10 @@ def delivery_routes(service: Callable[[], DeliveryService | None]) -> Callable[[
 
         app.router.add_get("/api/v1/deliveries", _guarded(listing))
         app.router.add_post("/api/v1/deliveries/redrive", _guarded(redrive))
-        app.router.add_get("/api/v1/deliveries/{id}", _guarded(one))
-        app.router.add_post("/api/v1/deliveries/{id}/retry", _guarded(retry))
-        app.router.add_delete("/api/v1/deliveries/{id}", _guarded(delete))
+        # Ids are hex: "redrive" never matches {id}, so that path allows POST alone.
+        app.router.add_get("/api/v1/deliveries/{id:[0-9a-f]{1,64}}", _guarded(one))
+        app.router.add_post("/api/v1/deliveries/{id:[0-9a-f]{1,64}}/retry", _guarded(retry))
+        app.router.add_delete("/api/v1/deliveries/{id:[0-9a-f]{1,64}}", _guarded(delete))
 
     return add
 
