@@ -55,6 +55,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=4194304
 
+# Durable delivery keeps its queue (an SQLite file) here, owned by the image's user: mount a
+# volume over it (docs/delivery.md says what each kind of volume keeps). SIDECAR_STATE_DIR is
+# what `sidecar run` reads when --state-dir is not given.
+RUN install -d -o 10001 -g 10001 -m 0750 /var/lib/sidecar
+ENV SIDECAR_STATE_DIR=/var/lib/sidecar
+
 USER 10001:10001
 
 # 15001: the shared traffic listener (`listen`): the app calls http://127.0.0.1:15001/<route>/...

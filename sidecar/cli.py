@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from sidecar import __version__
-from sidecar.config import ConfigError, load_config
+from sidecar.config import Config, ConfigError, load_config
 from sidecar.config.describe import describe, json_schema
+from sidecar.delivery.store import StoreError
 from sidecar.telemetry.logs import setup_json_logging
 
 GC_THRESHOLD = 7000  # young-generation threshold while serving (Python's default: 700)
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="worker processes sharing the ports (default 1; breaker state is per worker)")
     run.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
                      help="reload when the config file changes (checked every SECONDS, default 1)")
+    run.add_argument("--state-dir", default=None, metavar="DIR",
+                     help="where durable delivery keeps its queue (default: $SIDECAR_STATE_DIR, "
+                          "else ~/.local/state/sidecar)")
     run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     _add_loop_option(run)
 
@@ -65,14 +69,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("run needs --config PATH (or SIDECAR_CONFIG)")
         if args.workers < 1:
             parser.error("--workers must be at least 1")
+        if args.state_dir:
+            os.environ["SIDECAR_STATE_DIR"] = args.state_dir  # workers inherit it
         if args.workers > 1:
             from sidecar.runtime.workers import supervise
 
             # Validate once here, so a broken config fails fast instead of in every worker.
             try:
-                load_config(args.config)
+                config = load_config(args.config)
             except ConfigError as exc:
                 print(f"{args.config}: {exc}", file=sys.stderr)
+                return 1
+            if (failure := _check_delivery_store(config)) is not None:
+                print(f"sidecar: {failure}", file=sys.stderr)  # once here, not from every worker
                 return 1
             return supervise(args.config, args.workers, args.loop, args.watch)
         return _run(args.config, args.loop, args.watch, args.worker)
@@ -93,6 +102,24 @@ def _check(path: str) -> int:
     print(f"# {path}: valid")
     print(yaml.safe_dump(describe(config), sort_keys=False), end="")
     return 0
+
+
+def _check_delivery_store(config: Config) -> str | None:
+    """Open and close the delivery store when a route queues: why it cannot be opened, or None."""
+    if not any(route.delivery for route in config.routes):
+        return None
+    from sidecar.delivery.store import StoreError, open_store
+    from sidecar.runtime.sidecar import default_state_dir
+
+    async def check() -> None:
+        store = await open_store(config.delivery.store, default_state_dir())
+        await store.close()
+
+    try:
+        asyncio.run(check())
+    except StoreError as exc:
+        return str(exc)
+    return None
 
 
 def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
@@ -144,5 +171,8 @@ def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
             asyncio_runner.run(runner())
     except OSError as exc:
         print(f"sidecar: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # a queued route's store cannot be opened: it names the directory or file
+        print(f"sidecar: {exc}", file=sys.stderr)
         return 1
     return 0

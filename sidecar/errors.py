@@ -15,6 +15,9 @@
     +-- Shed                       refused to protect the upstream or the route; never retried
     |   +-- CircuitOpen            503 circuit_open: the breaker is open; Retry-After says when it probes
     |   +-- Overloaded             503 overloaded: the route's concurrency limit and queue are full
+    +-- QueueRefused               a delivery route could not store the write (never a 202); no fallback
+    |   +-- QueueFull              503 queue_full: the route is at its delivery max_pending or max_bytes
+    |   +-- QueueUnavailable       503 queue_unavailable: the delivery store cannot take a write now
     +-- UpstreamError              the upstream could not give us a response
         +-- ConnectFailure         502 connect_failure: TCP connect refused or timed out (provably unsent)
         +-- UpstreamReset          502 upstream_reset: connection dropped before response headers
@@ -121,6 +124,19 @@ class Overloaded(Shed):
     def __init__(self, message: str, limit: str) -> None:
         super().__init__(message)
         self.limit = limit  # which limit refused: concurrent, pending or queue_timeout
+
+
+class QueueRefused(SidecarError):
+    status = 503
+    retryable = True
+
+
+class QueueFull(QueueRefused):
+    kind = "queue_full"
+
+
+class QueueUnavailable(QueueRefused):
+    kind = "queue_unavailable"
 
 
 class UpstreamError(SidecarError):

@@ -17,11 +17,13 @@ SPEC = Path(__file__).resolve().parent.parent / "docs" / "admin-openapi.yaml"
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_admin_api_conforms_to_its_openapi_document(
-    sidecar_factory: SidecarFactory, upstream: Upstream, tmp_path: Path
+    sidecar_factory: SidecarFactory, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if shutil.which("schemathesis") is None and not Path(sys.executable).with_name("schemathesis").exists():
         pytest.skip("schemathesis is not installed (it is in the test extra)")
-    proxy = await sidecar_factory('admin: {listen: 127.0.0.1:0, token: "t0ken"}\n' + route_yaml(upstream.url),
+    monkeypatch.setenv("SIDECAR_STATE_DIR", str(tmp_path / "state"))  # the route queues: /api/v1/deliveries
+    proxy = await sidecar_factory('admin: {listen: 127.0.0.1:0, token: "t0ken"}\n'
+                                  + route_yaml(upstream.url, "delivery: {methods: [POST]}"),
                                   config_file=tmp_path / "sidecar.yaml")
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("schemathesis")), "run", str(SPEC), "--url", proxy.admin,

@@ -594,6 +594,18 @@ def test_sidecar_has_a_writable_tmp_under_its_read_only_root() -> None:
     assert "emptyDir" in volumes[tmp[0]["name"]]
 
 
+def test_the_delivery_state_dir_of_the_image_is_a_writable_volume_in_the_pod() -> None:
+    """Durable delivery writes its queue under SIDECAR_STATE_DIR, which the image points at a directory it owns."""
+    dockerfile = DOCKERFILE.read_text()
+    assert "ENV SIDECAR_STATE_DIR=/var/lib/sidecar" in dockerfile
+    assert "install -d -o 10001 -g 10001" in dockerfile and dockerfile.index("/var/lib/sidecar") < dockerfile.index(
+        "USER 10001:10001")
+    volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
+    state = [mount for mount in sidecar_container()["volumeMounts"] if mount["mountPath"] == "/var/lib/sidecar"]
+    assert len(state) == 1 and not state[0].get("readOnly")
+    assert "emptyDir" in volumes[state[0]["name"]]
+
+
 def test_sidecar_runs_as_the_image_uid() -> None:
     assert sidecar_container()["securityContext"]["runAsUser"] == NON_ROOT_UID
 

@@ -333,6 +333,12 @@ def every_state_yaml(web_url: str, bad_url: str, good_url: str, rude_url: str) -
             upstream: pair
             retries: {{attempts: 1}}
             circuit_breaker: {{enabled: false}}
+          - name: queued        # durable delivery: delivered, retried, dead, deduplicated, one left waiting
+            match: {{path_prefix: /queued/}}
+            strip_prefix: true
+            upstream: web
+            circuit_breaker: {{enabled: false}}
+            delivery: {{backoff: {{base: 1ms, max: 1m}}, concurrency: 4}}
     """
 
 
@@ -370,6 +376,28 @@ async def drive_into_every_state(
     assert await status_of(client, url + "/operated/ok") == (503, "circuit_open")
     await overflow_an_event_stream(client, proxy)
     await refuse_a_reload(client, proxy, config_file)
+    await queue_and_deliver(client, proxy)
+
+
+async def wait_retry_later(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+    return web.Response(status=503, headers={"Retry-After": "60"})
+
+
+async def queue_and_deliver(client: aiohttp.ClientSession, proxy: RunningSidecar) -> None:
+    """Writes to the queued route: one delivered, one retried then delivered, one dead (404), one sent
+    twice with the same Idempotency-Key, one told to come back in a minute (still queued at the scrape)."""
+    for path, headers in [("/queued/ok", {}), ("/queued/flaky-queued", {}), ("/queued/missing", {}),
+                          ("/queued/stuck", {}), ("/queued/ok", {"Idempotency-Key": "k"}),
+                          ("/queued/ok", {"Idempotency-Key": "k"})]:
+        async with client.post(proxy.url + path, data=b"message", headers=headers) as response:
+            assert response.status == 202
+    def count(outcome: str) -> float:
+        return proxy.metric("sidecar_deliveries_total", route="queued", outcome=outcome)
+
+    await wait_until(lambda: count("delivered") == 3 and count("dead") == 1 and count("retried") >= 2)
+    # The gauges are read from the store every second.
+    await wait_until(lambda: proxy.metric("sidecar_queue_messages", route="queued", status="dead") == 1
+                     and proxy.metric("sidecar_queue_messages", route="queued", status="delivered") == 3)
 
 
 async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -412,8 +440,10 @@ async def overflow_an_event_stream(client: aiohttp.ClientSession, proxy: Running
 async def scrape(
     sidecar_factory: SidecarFactory, upstream_factory: Callable[[str], Awaitable[Upstream]],
     client: aiohttp.ClientSession, tmp_path: Path, raw_upstream: Callable[[RawBehaviour], Awaitable[int]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> str:
     """The admin /metrics text (Prometheus text format) after traffic through every state."""
+    monkeypatch.setenv("SIDECAR_STATE_DIR", str(tmp_path / "state"))  # the queued route's store
     web_upstream = await upstream_factory("web")
     bad = await upstream_factory("bad")
     good = await upstream_factory("good")
@@ -423,6 +453,8 @@ async def scrape(
     web_upstream.on("/flaky", unavailable, ok)
     web_upstream.on("/sick", unavailable)
     web_upstream.on("/held", gate)
+    web_upstream.on("/flaky-queued", unavailable, ok)
+    web_upstream.on("/stuck", wait_retry_later)
     bad.on("/x", broken)
     config_file = tmp_path / "sidecar.yaml"
     rude_url = f"http://127.0.0.1:{await raw_upstream(rude)}"
@@ -479,6 +511,12 @@ EXPECTED_SAMPLES: list[tuple[str, dict[str, str]]] = [
     ("sidecar_upstream_unsolicited_closes_total", {}),
     ("sidecar_request_duration_seconds_count", {"route": "narrow"}),
     ("sidecar_upstream_attempt_duration_seconds_count", {"route": "spread"}),
+    ("sidecar_deliveries_total", {"route": "queued", "outcome": "delivered"}),
+    ("sidecar_deliveries_total", {"route": "queued", "outcome": "retried"}),
+    ("sidecar_deliveries_total", {"route": "queued", "outcome": "dead"}),
+    ("sidecar_deliveries_total", {"route": "queued", "outcome": "deduplicated"}),
+    ("sidecar_queue_messages", {"route": "queued", "status": "queued"}),
+    ("sidecar_queue_messages", {"route": "queued", "status": "dead"}),
 ]
 
 

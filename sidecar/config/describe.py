@@ -61,9 +61,11 @@ def _describe(config: Config) -> dict[str, Any]:
                 },
                 **{section: plain(getattr(route, section)) for section in POLICY_SECTIONS},
                 "fallback": plain(route.fallback),
+                "delivery": plain(route.delivery),
             }
             for route in config.routes
         ],
+        "delivery": plain(config.delivery),
     }
 
 

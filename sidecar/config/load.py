@@ -141,10 +141,13 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
             section: _merged(section, defaults, raw_routes[index], f"{path}.{section}", lines)
             for section in schema.POLICY_SECTIONS
         }
+        if route.delivery is not None and route.delivery.backoff.base > route.delivery.backoff.max:
+            raise ConfigError(f"delivery.backoff.base is above backoff.max {where(path + '.delivery.backoff', lines)}")
         routes.append(RouteSpec(
             name=route.name, listen=listen, host=host, path_prefix=match.path_prefix,
             strip_prefix=route.strip_prefix, upstream=upstreams[route.upstream], fallback=route.fallback,
             websocket=route.websocket,
+            delivery=route.delivery,
             **policies,
         ))
     return Config(
@@ -159,6 +162,7 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
         server=document.server,
         upstreams=tuple(upstreams.values()),
         routes=tuple(routes),
+        delivery=document.delivery,
     )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
+from sidecar.config.delivery import DeliveryStore, RouteDelivery
 from sidecar.config.schema import (
     CircuitBreaker,
     Fallback,
@@ -74,6 +75,7 @@ class RouteSpec:
     limits: Limits
     fallback: Fallback | None
     websocket: bool = True  # tunnel WebSocket upgrades
+    delivery: RouteDelivery | None = None  # queued: accepted with 202, delivered later
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class Config:
     routes: tuple[RouteSpec, ...]
     # Values that came from secret-named environment variables: redacted wherever shown.
     secrets: frozenset[str] = frozenset()
+    delivery: DeliveryStore = field(default_factory=DeliveryStore)  # where queued routes keep their messages
 
     @property
     def listeners(self) -> tuple[Address, ...]:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from sidecar.config.delivery import DeliveryStore, RouteDelivery
 from sidecar.config.units import Duration, Size, duration, size
 
 
@@ -108,6 +109,8 @@ class Route(Policies, frozen=True, kw_only=True):
     # Tunnel WebSocket upgrades (Connection: Upgrade, Upgrade: websocket); false: they go on as plain HTTP.
     websocket: bool = True
     fallback: Fallback | None = None
+    # Accept writes with 202, store them, deliver them later (docs/delivery.md); None: proxied as usual.
+    delivery: RouteDelivery | None = None
 
 
 class Outlier(_Section, frozen=True):
@@ -192,3 +195,5 @@ class Document(_Section, frozen=True):
     defaults: Policies = msgspec.field(default_factory=Policies)
     upstreams: dict[str, Upstream] = msgspec.field(default_factory=dict)
     routes: list[Route] = msgspec.field(default_factory=list)
+    # Where queued routes keep their messages (docs/delivery.md).
+    delivery: DeliveryStore = msgspec.field(default_factory=DeliveryStore)

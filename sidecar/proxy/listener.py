@@ -13,6 +13,7 @@ from multidict import CIMultiDictProxy
 from sidecar.config import RouteSpec
 from sidecar.config.hosts import host_of
 from sidecar.config.schema import Server
+from sidecar.delivery.queue import RouteQueue
 from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, RequestBodyTimeout, SidecarError
 from sidecar.proxy.call import Call, Handler
 from sidecar.proxy.stack import RouteState
@@ -44,6 +45,7 @@ class ActiveRoute:
     spec: RouteSpec
     handler: Handler
     state: RouteState
+    queue: RouteQueue | None = None  # a route with `delivery:`: writes are stored and answered 202
 
 
 class RouteTable:
@@ -179,6 +181,12 @@ class Listener:
                 call.upgrade = websocket_upgrade(request, spec.websocket, call.headers)
                 if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
                     raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")
+                if route.queue is not None and route.queue.takes(request.method, request.headers):
+                    accepted = await route.queue.accept(call)  # stored durably: 202, delivered later
+                    status = accepted.status
+                    if self.draining:
+                        accepted.force_close()
+                    return accepted
                 body, length = call.body, request.content_length
                 if isinstance(body, CallerBody) and length is not None and length <= spec.retries.max_body:
                     # Read whole before taking a slot: a trickling caller holds only its connection.

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin import AdminContext, Readiness, admin_app, health_and_metrics
-from sidecar.config import Address, Config, ConfigError, load_config
+from sidecar.config import Address, Config, ConfigError, RouteSpec, load_config
+from sidecar.delivery.admin import delivery_routes
+from sidecar.delivery.queue import RouteQueue
+from sidecar.delivery.service import DeliveryService, lease_for
+from sidecar.delivery.store import StoreError
 from sidecar.errors import ReloadError
 from sidecar.proxy.endpoints import EndpointPool
 from sidecar.proxy.listener import ActiveRoute, Listener
@@ -45,7 +52,7 @@ class Sidecar:
 
     def __init__(
         self, config: Config, registry: CollectorRegistry | None = None, log_stream: TextIO | None = None,
-        config_path: str | None = None, reuse_port: bool = False,
+        config_path: str | None = None, reuse_port: bool = False, state_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -67,6 +74,9 @@ class Sidecar:
         # Called after a reload through the admin API (set by a worker to reach its siblings).
         self.on_reloaded: Callable[[], None] | None = None
         self._metrics_flush: asyncio.TimerHandle | None = None  # with several workers
+        # Durable delivery: where its SQLite file lives, and the store and deliverers once a route queues.
+        self.state_dir = state_dir or default_state_dir()
+        self.delivery: DeliveryService | None = None
 
     @property
     def scrape_registry(self) -> CollectorRegistry:
@@ -82,8 +92,11 @@ class Sidecar:
         return {name: route.state for name, route in self._routes.items()}
 
     async def start(self) -> None:
+        """Raises StoreError (naming the directory or file) when a queued route's store cannot be opened."""
+        await self._open_delivery(self.config)
         self._client = UpstreamClient(MAX_LINE, MAX_FIELD, self.metrics.connections)
         self._pools, self._routes = self._build(self.config)
+        self._run_delivery(self.config)
         try:
             for address in self.config.listeners:
                 self._listeners[address] = await self._open_listener(address, self.config)
@@ -108,6 +121,7 @@ class Sidecar:
             config=lambda: self.config,
             breakers=lambda: {name: route.state.breaker for name, route in self._routes.items()},
             reload=self._reload_from_admin,
+            extensions=(delivery_routes(lambda: self.delivery),),
         )
 
     async def _reload_from_admin(self) -> None:
@@ -137,8 +151,41 @@ class Sidecar:
                 routes[spec.name] = old_route
                 continue
             state = new_route_state(spec, self.metrics.route(spec.name), pools[spec.upstream.name], clock, self.events)
-            routes[spec.name] = ActiveRoute(spec, route_stack(spec, self._client, state), state)
+            routes[spec.name] = ActiveRoute(spec, route_stack(spec, self._client, state), state,
+                                            self._queue(spec, state))
         return pools, routes
+
+    async def _open_delivery(self, config: Config) -> None:
+        """Open the delivery store the first time a route queues; it stays open across reloads."""
+        if self.delivery is None and any(route.delivery for route in config.routes):
+            self.delivery = await DeliveryService.open(
+                config.delivery.store, self.state_dir, self.metrics.delivery, self.events)
+        elif self.delivery is not None and config.delivery != self.config.delivery:
+            log.warning("delivery.store changes take effect after a restart")
+
+    def _queue(self, spec: RouteSpec, state: RouteState) -> RouteQueue | None:
+        """A queued route's accept and send: its own stack with the synchronous retries off
+        (the queue's schedule replaces them), sharing the route's limits, breaker and endpoints."""
+        if spec.delivery is None or self.delivery is None:
+            return None
+        assert self._client is not None
+        once = dataclasses.replace(spec, retries=msgspec.structs.replace(spec.retries, attempts=1))
+        breaker = state.breaker
+
+        def breaker_open() -> bool:
+            # Forced open, or open and not yet due for a probe (pybreaker turns half-open lazily,
+            # on the next call: the deliverer's attempt is that call).
+            return breaker is not None and (
+                breaker.forced == "open" or (breaker.state == "open" and breaker.seconds_until_probe() > 0))
+
+        return self.delivery.queue(spec.name, spec.delivery, route_stack(once, self._client, state), breaker_open,
+                                   spec.timeouts.idle)
+
+    def _run_delivery(self, config: Config) -> None:
+        if self.delivery is not None:
+            queues = {name: route.queue for name, route in self._routes.items() if route.queue is not None}
+            leases = {route.name: lease_for(route.timeouts.total) for route in config.routes}
+            self.delivery.run(queues, leases, config.shutdown.timeout)
 
     def _routes_on(self, address: Address) -> list[ActiveRoute]:
         return [route for route in self._routes.values() if route.spec.listen == address]
@@ -189,6 +236,10 @@ class Sidecar:
 
     async def reload(self, config: Config) -> None:
         async with self._reloading:
+            try:
+                await self._open_delivery(config)
+            except StoreError as exc:
+                self._refused(str(exc))
             pools, routes = self._build(config)
             previous = self._routes
             self._routes = routes  # _open_listener reads it
@@ -214,6 +265,7 @@ class Sidecar:
             if (config.admin_listen, config.metrics_listen) != (self.config.admin_listen, self.config.metrics_listen):
                 log.warning("admin.listen and metrics.listen changes take effect after a restart")
             self.config = config
+            self._run_delivery(config)
             self.access_log.configure(config.log)
             self._loaded("config reloaded")
 
@@ -261,8 +313,14 @@ class Sidecar:
         self.events.close()  # ends /api/v1/events streams so the admin runner can stop
         # All traffic listeners at once: stop accepting, close idle keep-alives, wait for
         # in-flight requests up to shutdown.timeout, then cancel what is left (open streams).
-        await asyncio.gather(*(self._close_listener(open_) for open_ in self._listeners.values()), *self._draining)
+        # Deliverers stop alongside: attempts in flight get shutdown.timeout, the rest stays stored.
+        delivering = [self.delivery.stop(self.config.shutdown.timeout)] if self.delivery is not None else []
+        await asyncio.gather(*(self._close_listener(open_) for open_ in self._listeners.values()), *self._draining,
+                             *delivering)
         self._listeners.clear()
+        if self.delivery is not None:
+            await self.delivery.close()
+            self.delivery = None
         for runner in self._service_runners:
             await runner.cleanup()
         self._service_runners.clear()
@@ -333,3 +391,8 @@ def _digest(path: Path) -> str | None:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+def default_state_dir() -> Path:
+    """--state-dir, else $SIDECAR_STATE_DIR, else ~/.local/state/sidecar (no root needed after a pip install)."""
+    return Path(os.environ.get("SIDECAR_STATE_DIR") or Path.home() / ".local" / "state" / "sidecar")

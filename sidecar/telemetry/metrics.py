@@ -6,6 +6,7 @@ The catalogue with meanings and example queries is in docs/metrics.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
@@ -107,6 +108,7 @@ class Metrics:
             registry=registry,
         )
         self.connections = ConnectionMetrics(registry)
+        self.delivery = DeliveryMetrics(registry)
         build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
                            ["version"], registry=registry, multiprocess_mode="max")
         build_info.labels(__version__).set(1)
@@ -274,3 +276,51 @@ def multiprocess_registry(metrics: Metrics) -> CollectorRegistry | None:
     registry.register(_FlushFirst(metrics))
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
+
+
+class DeliveryMetrics:
+    """Durable delivery: the queue's content (read from the store, shared by every worker) and outcomes."""
+
+    OUTCOMES = ("delivered", "retried", "dead", "deduplicated")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Every worker reads the same store: the most recent reading is the truth, not a sum.
+        self.messages = Gauge(
+            "sidecar_queue_messages", "Stored delivery messages, by route and status (queued, delivering, "
+            "delivered, dead).", ["route", "status"], registry=registry, multiprocess_mode="livemostrecent",
+        )
+        self.oldest_age = Gauge(
+            "sidecar_queue_oldest_age_seconds", "Seconds since the oldest undelivered (queued or delivering) "
+            "message entered the queue; 0 when none.", ["route"], registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.bytes = Gauge(
+            "sidecar_queue_bytes", "Bodies of queued, delivering and dead messages, in bytes (against max_bytes).",
+            ["route"], registry=registry, multiprocess_mode="livemostrecent",
+        )
+        self.deliveries = Counter(
+            "sidecar_deliveries", "Delivery decisions and accepts, by outcome: delivered, retried, dead, "
+            "deduplicated (an accept whose Idempotency-Key was already stored).", ["route", "outcome"],
+            registry=registry,
+        )
+
+    def outcome(self, route: str, outcome: str) -> None:
+        self.deliveries.labels(route, outcome).inc()
+
+    def queue(self, route: str, counts: dict[str, int], size: int, oldest_age: float) -> None:
+        for status, count in counts.items():
+            self.messages.labels(route, status).set(count)
+        self.bytes.labels(route).set(size)
+        self.oldest_age.labels(route).set(oldest_age)
+
+    def forget(self, route: str, statuses: Iterable[str]) -> None:
+        """A route that no longer queues: its gauges go away rather than freeze."""
+        for status in statuses:
+            _remove(self.messages, route, status)
+        _remove(self.bytes, route)
+        _remove(self.oldest_age, route)
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    with contextlib.suppress(KeyError):
+        gauge.remove(*labels)
