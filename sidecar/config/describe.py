@@ -61,6 +61,7 @@ def _describe(config: Config) -> dict[str, Any]:
                 },
                 **{section: plain(getattr(route, section)) for section in POLICY_SECTIONS},
                 "fallback": plain(route.fallback),
+                "cache": plain(route.cache),
             }
             for route in config.routes
         ],

@@ -144,7 +144,7 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
         routes.append(RouteSpec(
             name=route.name, listen=listen, host=host, path_prefix=match.path_prefix,
             strip_prefix=route.strip_prefix, upstream=upstreams[route.upstream], fallback=route.fallback,
-            websocket=route.websocket,
+            websocket=route.websocket, cache=route.cache,
             **policies,
         ))
     return Config(

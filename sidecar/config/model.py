@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from sidecar.config.cache import Cache
 from sidecar.config.schema import (
     CircuitBreaker,
     Fallback,
@@ -74,6 +75,7 @@ class RouteSpec:
     limits: Limits
     fallback: Fallback | None
     websocket: bool = True  # tunnel WebSocket upgrades
+    cache: Cache | None = None  # the route's response cache (docs/cache.md); None: off
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from sidecar.config.cache import Cache
 from sidecar.config.units import Duration, Size, duration, size
 
 
@@ -108,6 +109,8 @@ class Route(Policies, frozen=True, kw_only=True):
     # Tunnel WebSocket upgrades (Connection: Upgrade, Upgrade: websocket); false: they go on as plain HTTP.
     websocket: bool = True
     fallback: Fallback | None = None
+    # A shared response cache for this route (docs/cache.md); off unless written.
+    cache: Cache | None = None
 
 
 class Outlier(_Section, frozen=True):
