@@ -131,15 +131,28 @@ class RouteCache:
             "evictions": self.store.evictions, "results": dict(self.results),
         }
 
+    def figures(self) -> tuple[int, int]:
+        """(bytes held, evictions so far), for the metrics."""
+        return self.store.bytes, self.store.evictions
+
     def close(self) -> None:
-        """Stop background refreshes (on reload or shutdown)."""
+        """Stop background refreshes and let the entries go (on reload or shutdown)."""
         for task in self._background:
             task.cancel()
+        self.store.purge()  # requests still in flight on this cache may hold it a while
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(work)
         self._background.add(task)  # referenced until done, and cancellable by close()
         task.add_done_callback(self._background.discard)
+
+    def error_label(self, call: Call) -> str:
+        """x-sidecar-cache of an error answer the sidecar makes on this route: the cache's label,
+        or BYPASS (counted now) when the request was refused before it reached the cache."""
+        if call.cache_label is None:
+            self.counted(Label.BYPASS)
+            call.cache_label = Label.BYPASS
+        return call.cache_label
 
     def counted(self, label: Label) -> None:
         self.results[label] += 1
@@ -165,36 +178,43 @@ class _CachedHandler:
 
     async def handle(self, call: Call) -> Response:
         cache = self.cache
-        now = cache.clock()
-        key = call.target
-        entries = self.store.variants(key) if call.method in LOOKUP_METHODS else []
-        decision = decide(call.method, call.headers, entries, now, call.body is not None)
-        action, entry = decision.action, decision.entry
-        if action is Action.BYPASS:
-            cache.counted(Label.BYPASS)
-            response = await self.inner(call)
-            if invalidates(call.method, response.status):
-                self.store.remove(key)
-            return _labelled(response, Label.BYPASS)
-        if action is Action.SERVE:
-            assert entry is not None
-            return self.answer(call.method, call.headers, entry, Label.HIT, now)
-        if action is Action.SERVE_STALE:
-            assert entry is not None
-            self.refresh_in_background(call, decision)
-            return self.answer(call.method, call.headers, entry, Label.STALE, now, REVALIDATING)
-        if call.method == "HEAD":
-            # HEAD responses are not stored and the request goes up as sent (the caller's own
-            # conditionals too); the entry only stands in if the upstream fails.
-            through = Decision(Action.FETCH, entry, decision.reason)
-            return self.finish(call, through, await self.fetch(call, through, store=False), call.headers)
-        conditions = _take_conditions(call.headers)  # answered here, from what gets stored
-        if action is Action.REVALIDATE:
-            assert entry is not None
-            call.headers.extend(revalidation_fields(entry.freshness))
-        if not cache.spec.coalesce:
-            return self.finish(call, decision, await self.fetch(call, decision), conditions)
-        return await self.coalesced(call, decision, conditions, key)
+        try:
+            now = cache.clock()
+            key = call.target
+            entries = self.store.variants(key) if call.method in LOOKUP_METHODS else []
+            decision = decide(call.method, call.headers, entries, now, call.body is not None)
+            action, entry = decision.action, decision.entry
+            if action is Action.BYPASS:
+                cache.counted(Label.BYPASS)
+                call.cache_label = Label.BYPASS  # shown only if the sidecar answers with an error
+                response = await self.inner(call)
+                if invalidates(call.method, response.status):
+                    self.store.remove(key)
+                return _labelled(response, Label.BYPASS)
+            if action is Action.SERVE:
+                assert entry is not None
+                return self.answer(call.method, call.headers, entry, Label.HIT, now)
+            if action is Action.SERVE_STALE:
+                assert entry is not None
+                self.refresh_in_background(call, decision)
+                return self.answer(call.method, call.headers, entry, Label.STALE, now, REVALIDATING)
+            if call.method == "HEAD":
+                # HEAD responses are not stored and the request goes up as sent (the caller's own
+                # conditionals too); the entry only stands in if the upstream fails.
+                through = Decision(Action.FETCH, entry, decision.reason)
+                return self.finish(call, through, await self.fetch(call, through, store=False), call.headers)
+            conditions = _take_conditions(call.headers)  # answered here, from what gets stored
+            if action is Action.REVALIDATE:
+                assert entry is not None
+                call.headers.extend(revalidation_fields(entry.freshness))
+            if not cache.spec.coalesce:
+                return self.finish(call, decision, await self.fetch(call, decision), conditions)
+            return await self.coalesced(call, decision, conditions, key)
+        except SidecarError:
+            if call.cache_label is None:  # failed on its way upstream before the cache counted it
+                cache.counted(Label.MISS)
+                call.cache_label = Label.MISS
+            raise
 
     async def coalesced(self, call: Call, decision: Decision, conditions: Headers, key: object,
                         rejoined: bool = False) -> Response:
@@ -275,6 +295,7 @@ class _CachedHandler:
             if fetched.response is None:
                 assert fetched.error is not None
                 cache.counted(Label.MISS)
+                call.cache_label = Label.MISS
                 raise fetched.error
         assert fetched.response is not None
         cache.counted(Label.MISS)
