@@ -21,8 +21,9 @@ async def test_admin_api_conforms_to_its_openapi_document(
 ) -> None:
     if shutil.which("schemathesis") is None and not Path(sys.executable).with_name("schemathesis").exists():
         pytest.skip("schemathesis is not installed (it is in the test extra)")
-    proxy = await sidecar_factory('admin: {listen: 127.0.0.1:0, token: "t0ken"}\n' + route_yaml(upstream.url),
-                                  config_file=tmp_path / "sidecar.yaml")
+    # A cached route: DELETE /api/v1/cache has a route to purge.
+    text = 'admin: {listen: 127.0.0.1:0, token: "t0ken"}\n' + route_yaml(upstream.url, "cache: {}")
+    proxy = await sidecar_factory(text, config_file=tmp_path / "sidecar.yaml")
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("schemathesis")), "run", str(SPEC), "--url", proxy.admin,
         "--checks", "all", "--max-examples", "25", "--seed", "1", "--no-color",

@@ -4,6 +4,7 @@ metrics, reloads, and the admin API. Real sidecars from YAML, real upstreams on 
 from __future__ import annotations
 
 import textwrap
+from typing import Any
 
 import aiohttp
 import pytest
@@ -173,3 +174,75 @@ async def test_stopping_lets_the_entries_go(
     assert cache is not None and len(cache.store) == 1
     await getattr(proxy.sidecar, stop)()
     assert len(cache.store) == 0
+
+
+# --- Admin API ----------------------------------------------------------------------------------
+
+
+async def admin(client: aiohttp.ClientSession, proxy: RunningSidecar, method: str, path: str,
+                **headers: str) -> tuple[int, dict[str, Any]]:
+    async with client.request(method, proxy.admin + path, headers=headers) as response:
+        assert response.headers["Content-Type"].startswith("application/json")
+        return response.status, await response.json()
+
+
+async def test_a_purge_makes_the_next_get_a_miss_that_reaches_the_upstream(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await sidecar_factory(two_routes(upstream.url))
+    for path in ("/items/1", "/items/2", "/other"):
+        upstream.on(path, FRESH)
+        assert (await get(client, proxy, path))[2]["x-sidecar-cache"] == "MISS"
+    assert await admin(client, proxy, "DELETE", "/api/v1/cache?route=main&prefix=/items/") == (
+        200, {"prefix": "/items/", "purged": {"main": 2}})
+    assert (await get(client, proxy, "/items/1"))[2]["x-sidecar-cache"] == "MISS"
+    assert (await get(client, proxy, "/other"))[2]["x-sidecar-cache"] == "HIT"  # outside the prefix
+    assert [len(upstream.hits_for(path)) for path in ("/items/1", "/items/2", "/other")] == [2, 1, 1]
+    assert await admin(client, proxy, "DELETE", "/api/v1/cache") == (200, {"prefix": "/", "purged": {"main": 2}})
+    assert (await get(client, proxy, "/other"))[2]["x-sidecar-cache"] == "MISS"
+    assert len(upstream.hits_for("/other")) == 2
+    cache = cache_of(proxy)
+    assert cache is not None and len(cache.store) == 1
+    assert proxy.metric("sidecar_cache_bytes", route="main") == cache.store.bytes > 0
+
+
+async def test_a_purge_needs_the_token_and_names_what_it_cannot_purge(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await sidecar_factory("admin: {listen: 127.0.0.1:0, token: s3cret}\n" + textwrap.dedent(
+        two_routes(upstream.url)))
+    upstream.on("/a", FRESH)
+    await get(client, proxy, "/a")
+    status, body = await admin(client, proxy, "DELETE", "/api/v1/cache")
+    assert (status, body["error"]) == (401, "unauthorized")
+    assert (await get(client, proxy, "/a"))[2]["x-sidecar-cache"] == "HIT"  # nothing was purged
+    token = {"Authorization": "Bearer s3cret"}
+    for query, expected in [
+        ("?route=nowhere", (404, "unknown_route")),
+        ("?route=plain", (409, "cache_disabled")),
+        ("?route=main&prefix=items", (400, "bad_request")),
+    ]:
+        status, body = await admin(client, proxy, "DELETE", "/api/v1/cache" + query, **token)
+        assert (status, body["error"]) == expected, query
+    assert (await get(client, proxy, "/a"))[2]["x-sidecar-cache"] == "HIT"
+    assert await admin(client, proxy, "DELETE", "/api/v1/cache?route=main", **token) == (
+        200, {"prefix": "/", "purged": {"main": 1}})
+
+
+async def test_routes_show_each_cache_and_its_figures(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    proxy = await sidecar_factory(two_routes(upstream.url, "{max_bytes: 1MiB}"))
+    upstream.on("/a", FRESH)
+    for _ in range(3):
+        await get(client, proxy, "/a")
+    status, body = await admin(client, proxy, "GET", "/api/v1/routes")
+    assert status == 200
+    routes = {route["name"]: route for route in body["routes"]}
+    assert routes["plain"]["cache"] is None and routes["plain"]["cache_stats"] is None
+    assert routes["main"]["cache"]["max_bytes"] == "1MiB"
+    stats = routes["main"]["cache_stats"]
+    cache = cache_of(proxy)
+    assert cache is not None
+    assert stats == {"entries": 1, "bytes": cache.store.bytes, "max_bytes": 1024**2, "evictions": 0,
+                     "results": {"miss": 1, "hit": 2}}

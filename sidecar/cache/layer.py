@@ -128,7 +128,8 @@ class RouteCache:
         """What the admin API may show for the route."""
         return {
             "entries": len(self.store), "bytes": self.store.bytes, "max_bytes": self.store.max_bytes,
-            "evictions": self.store.evictions, "results": dict(self.results),
+            "evictions": self.store.evictions,
+            "results": {label.lower(): count for label, count in self.results.items()},  # as in the metrics
         }
 
     def figures(self) -> tuple[int, int]:

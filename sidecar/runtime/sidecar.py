@@ -17,6 +17,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin import AdminContext, Readiness, admin_app, health_and_metrics
+from sidecar.cache import admin as cache_admin
+from sidecar.cache.layer import RouteCache
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.errors import ReloadError
 from sidecar.proxy.endpoints import EndpointPool
@@ -111,7 +113,13 @@ class Sidecar:
             config=lambda: self.config,
             breakers=lambda: {name: route.state.breaker for name, route in self._routes.items()},
             reload=self._reload_from_admin,
+            extensions=(cache_admin.admin_extension(self._caches),),
+            route_extras=(cache_admin.route_extras(self._caches),),
         )
+
+    def _caches(self) -> dict[str, RouteCache | None]:
+        """The route caches in force now, by route (None: no `cache:`), for the admin API."""
+        return {name: route.state.cache for name, route in self._routes.items()}
 
     async def _reload_from_admin(self) -> None:
         await self.reload_from_file()
