@@ -1,8 +1,8 @@
 """The response cache as a layer of a route's stack (issue 18).
 
-Where it belongs: outermost, before the bulkhead,
+Where it sits (proxy/stack.py): outermost,
 
-    cache -> limit -> deadline -> retry -> circuit breaker -> forward
+    cache -> deadline -> limit -> retry -> circuit breaker -> forward
 
 so a hit takes no concurrency slot and starts no deadline, and the failures it may cover
 with a stale entry (circuit_open, overloaded, and the upstream's own after retries) all
