@@ -3,15 +3,17 @@ metrics, reloads, and the admin API. Real sidecars from YAML, real upstreams on 
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.cache.layer import RouteCache
 from sidecar.config import parse_config
-from tests.conftest import RunningSidecar, SidecarFactory, Upstream, answering, with_test_listeners
+from tests.conftest import Hit, RunningSidecar, SidecarFactory, Upstream, answering, with_test_listeners
 from tests.processes import free_port
 from tests.test_cache_layer import BODY, Clock, answer, get
 
@@ -246,3 +248,32 @@ async def test_routes_show_each_cache_and_its_figures(
     assert cache is not None
     assert stats == {"entries": 1, "bytes": cache.store.bytes, "max_bytes": 1024**2, "evictions": 0,
                      "results": {"miss": 1, "hit": 2}}
+
+
+# --- WebSockets -------------------------------------------------------------------------------------
+
+
+async def test_a_websocket_handshake_on_a_cached_route_is_tunnelled_never_answered_from_an_entry(
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """A plain GET stored an entry for /ws; a handshake for the same target must still reach the
+    upstream (and get its 101), not the stored 200."""
+
+    async def page_or_socket(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)  # type: ignore[arg-type]
+        async for message in ws:
+            await ws.send_str("echo " + message.data)
+        return ws
+
+    upstream.on("/ws", page_or_socket)
+    proxy = await sidecar_factory(two_routes(upstream.url))
+    assert (await get(client, proxy, "/ws"))[2]["x-sidecar-cache"] == "MISS"
+    assert (await get(client, proxy, "/ws"))[2]["x-sidecar-cache"] == "HIT"
+    async with asyncio.timeout(5), client.ws_connect(proxy.url + "/ws") as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive_str()) == "echo hello"
+    assert len(upstream.hits_for("/ws")) == 2
+    assert proxy.metric("sidecar_cache_requests_total", route="main", result="bypass") == 1

@@ -182,8 +182,8 @@ class _CachedHandler:
         try:
             now = cache.clock()
             key = call.target
-            entries = self.store.variants(key) if call.method in LOOKUP_METHODS else []
-            decision = decide(call.method, call.headers, entries, now, call.body is not None)
+            entries = self.store.variants(key) if call.method in LOOKUP_METHODS and not call.upgrade else []
+            decision = decide(call.method, call.headers, entries, now, call.body is not None, call.upgrade)
             action, entry = decision.action, decision.entry
             if action is Action.BYPASS:
                 cache.counted(Label.BYPASS)
