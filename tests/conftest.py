@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import textwrap
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,13 +168,15 @@ async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
     """Start a sidecar from YAML text; `listen` and `admin` default to ephemeral loopback ports."""
     started: list[Sidecar] = []
 
-    async def make(text: str, env: dict[str, str] | None = None, config_file: Path | None = None) -> RunningSidecar:
-        """With `config_file`, the text is written there and the sidecar can reload from it."""
+    async def make(text: str, env: dict[str, str] | None = None, config_file: Path | None = None,
+                   wall_clock: Callable[[], float] = time.time) -> RunningSidecar:
+        """With `config_file`, the text is written there and the sidecar can reload from it.
+        `wall_clock` is the route caches' clock."""
         text = with_test_listeners(text)
         if config_file is not None:
             config_file.write_text(text)
         sidecar = Sidecar(parse_config(text, env or {}), CollectorRegistry(), log_stream=io.StringIO(),
-                          config_path=str(config_file) if config_file else None)
+                          config_path=str(config_file) if config_file else None, wall_clock=wall_clock)
         await sidecar.start()
         started.append(sidecar)
         return RunningSidecar(sidecar)

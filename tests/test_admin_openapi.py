@@ -22,8 +22,9 @@ async def test_admin_api_conforms_to_its_openapi_document(
     if shutil.which("schemathesis") is None and not Path(sys.executable).with_name("schemathesis").exists():
         pytest.skip("schemathesis is not installed (it is in the test extra)")
     monkeypatch.setenv("SIDECAR_STATE_DIR", str(tmp_path / "state"))  # the route queues: /api/v1/deliveries
+    # A queued and cached route: /api/v1/deliveries has messages, DELETE /api/v1/cache a route to purge.
     proxy = await sidecar_factory('admin: {listen: 127.0.0.1:0, token: "t0ken"}\n'
-                                  + route_yaml(upstream.url, "delivery: {methods: [POST]}"),
+                                  + route_yaml(upstream.url, "delivery: {methods: [POST]}\ncache: {}"),
                                   config_file=tmp_path / "sidecar.yaml")
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("schemathesis")), "run", str(SPEC), "--url", proxy.admin,

@@ -1,6 +1,6 @@
-"""The cache layer in the real proxy path: a real sidecar (proxy.py, relay.py unchanged) whose route
-handler is wrapped by `cache_layer`, outermost, as the lead will wire it; a real upstream on
-loopback counting its hits. Freshness runs on a fake wall clock, so nothing sleeps to expire.
+"""The cache in the real proxy path: a real sidecar whose route has `cache:` in its config, a real
+upstream on loopback counting its hits. Freshness runs on a fake wall clock (the sidecar's
+`wall_clock`), so nothing sleeps to expire.
 """
 
 from __future__ import annotations
@@ -11,14 +11,10 @@ from email.utils import formatdate
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 from aiohttp import web
 
-from sidecar.cache.layer import RouteCache, cache_layer
-from sidecar.config.cache import Cache
-from sidecar.config.units import decode_hook
-from sidecar.proxy.listener import ActiveRoute
+from sidecar.cache.layer import RouteCache
 from tests.conftest import Gate, Hit, RunningSidecar, SidecarFactory, Upstream, route_yaml, wait_until
 
 BODY = b"the stored answer " * 20
@@ -37,16 +33,20 @@ class Clock:
         self.now += seconds
 
 
-def with_cache(proxy: RunningSidecar, clock: Clock, **settings: Any) -> RouteCache:
-    """Wrap route `main` of a running sidecar in the cache layer, outermost."""
-    sidecar = proxy.sidecar
-    route = sidecar._routes["main"]
-    spec = msgspec.convert(settings, Cache, strict=False, dec_hook=decode_hook)
-    cache = RouteCache("main", spec, route.spec.timeouts.total, route.spec.timeouts.idle, clock)
-    cached = ActiveRoute(route.spec, cache_layer(cache)(route.handler), route.state)
-    sidecar._routes["main"] = cached
-    for opened in sidecar._listeners.values():
-        opened.listener.update([cached])
+# No retries, no breaker: each test sees exactly the upstream requests it causes.
+NO_RETRIES = "retries: {attempts: 1}\ncircuit_breaker: {enabled: false}"
+
+
+def cached_yaml(upstream_url: str, policies: str = NO_RETRIES, **settings: str) -> str:
+    """One route `main` with `cache:` (the given settings, the rest defaulted)."""
+    section = ", ".join(f"{name}: {value}" for name, value in settings.items())
+    return route_yaml(upstream_url, f"{policies}\ncache: {{{section}}}")
+
+
+def cache_of(proxy: RunningSidecar) -> RouteCache:
+    """Route `main`'s cache as the sidecar built it, to read its store and coalescer."""
+    cache = proxy.sidecar.route_states["main"].cache
+    assert cache is not None
     return cache
 
 
@@ -69,12 +69,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def proxy(sidecar_factory: SidecarFactory, upstream: Upstream) -> RunningSidecar:
-    # No retries, no breaker: each test sees exactly the upstream requests it causes.
-    return await sidecar_factory(route_yaml(upstream.url, """
-        retries: {attempts: 1}
-        circuit_breaker: {enabled: false}
-    """))
+async def proxy(sidecar_factory: SidecarFactory, upstream: Upstream, clock: Clock) -> RunningSidecar:
+    return await sidecar_factory(cached_yaml(upstream.url), wall_clock=clock)
+
+
+@pytest.fixture
+def cache(proxy: RunningSidecar) -> RouteCache:
+    return cache_of(proxy)
 
 
 async def get(client: aiohttp.ClientSession, proxy: RunningSidecar, path: str = "/a",
@@ -87,7 +88,6 @@ async def get(client: aiohttp.ClientSession, proxy: RunningSidecar, path: str = 
 async def test_a_fresh_hit_does_not_reach_the_upstream(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(Cache_Control="max-age=60", ETag='"v1"'))
     status, body, headers = await get(client, proxy)
     assert (status, body, headers["x-sidecar-cache"]) == (200, BODY, "MISS")
@@ -111,7 +111,7 @@ async def test_what_must_not_be_stored_is_not(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock,
     response_headers: dict[str, str], request_headers: dict[str, str],
 ) -> None:
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
     upstream.on("/a", answer(**response_headers))
     for _ in range(2):
         status, body, headers = await get(client, proxy, **request_headers)
@@ -123,7 +123,6 @@ async def test_what_must_not_be_stored_is_not(
 async def test_authorization_with_public_is_stored(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(Cache_Control="public, max-age=60"))
     await get(client, proxy, Authorization="Bearer t")
     status, _, headers = await get(client, proxy, Authorization="Bearer t")
@@ -134,7 +133,6 @@ async def test_authorization_with_public_is_stored(
 async def test_vary_accept_encoding_keeps_two_variants_apart(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
 
     async def negotiate(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         gzip = "gzip" in request.headers.get("Accept-Encoding", "")
@@ -164,9 +162,7 @@ async def test_stale_if_error_serves_the_stored_body_when_the_upstream_is_killed
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        proxy = await sidecar_factory(route_yaml(
-            f"http://127.0.0.1:{port}", "retries: {attempts: 1}\ncircuit_breaker: {enabled: false}"))
-        with_cache(proxy, clock, stale_if_error="5m")
+        proxy = await sidecar_factory(cached_yaml(f"http://127.0.0.1:{port}", stale_if_error="5m"), wall_clock=clock)
         doomed.on("/a", answer(Cache_Control="max-age=10", X_Version="1"))
         _, stored_body, _ = await get(client, proxy)
     finally:
@@ -188,7 +184,6 @@ async def test_stale_if_error_serves_the_stored_body_when_the_upstream_is_killed
 async def test_stale_if_error_covers_failure_statuses(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock, status: int
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(Cache_Control="max-age=1"), answer(b"upstream error page", status=status))
     await get(client, proxy)
     clock.advance(5)
@@ -200,7 +195,6 @@ async def test_stale_if_error_covers_failure_statuses(
 async def test_a_failure_status_without_a_stored_entry_passes_through(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(b"down", status=503))
     status, body, headers = await get(client, proxy)
     assert (status, body, headers["x-sidecar-cache"]) == (503, b"down", "MISS")
@@ -209,7 +203,7 @@ async def test_a_failure_status_without_a_stored_entry_passes_through(
 async def test_revalidation_with_304_refreshes_without_a_body_transfer(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
 
     async def conditional(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         date = formatdate(clock.now, usegmt=True)
@@ -236,7 +230,6 @@ async def test_revalidation_with_304_refreshes_without_a_body_transfer(
 async def test_a_callers_matching_conditional_gets_304_from_the_entry(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(Cache_Control="max-age=60", ETag='"v1"'))
     # On a miss the caller's conditional is not forwarded: the upstream sends the whole
     # (storable) answer, and the cache answers the conditional itself.
@@ -253,7 +246,7 @@ async def test_a_callers_matching_conditional_gets_304_from_the_entry(
 async def test_hundred_concurrent_gets_on_a_miss_make_one_upstream_request(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
     gate = Gate()
 
     async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
@@ -275,7 +268,7 @@ async def test_hundred_concurrent_gets_on_a_miss_make_one_upstream_request(
 async def test_not_storable_waiters_each_go_upstream(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
     gate = Gate()
 
     async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
@@ -293,9 +286,10 @@ async def test_not_storable_waiters_each_go_upstream(
 
 
 async def test_eviction_keeps_the_byte_bound(
-    proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock, max_bytes="20KiB", max_entry="4KiB")
+    proxy = await sidecar_factory(cached_yaml(upstream.url, max_bytes="20KiB", max_entry="4KiB"), wall_clock=clock)
+    cache = cache_of(proxy)
     for i in range(40):
         upstream.on(f"/item/{i}", answer(b"%d" % i * 1000, Cache_Control="max-age=60"))
         status, _, headers = await get(client, proxy, f"/item/{i}")
@@ -311,7 +305,7 @@ async def test_eviction_keeps_the_byte_bound(
 async def test_a_response_over_max_entry_streams_through_uncached(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock)  # max_entry 1 MiB
+    cache = cache_of(proxy)  # max_entry 1 MiB
     big = bytes(range(256)) * (5 * 1024 * 4)  # 5 MiB
     upstream.on("/big", answer(big, Cache_Control="max-age=60"))
     for _ in range(2):
@@ -324,7 +318,6 @@ async def test_a_response_over_max_entry_streams_through_uncached(
 async def test_head_after_get_answers_from_the_entry(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(Cache_Control="max-age=60", ETag='"v1"'))
     await get(client, proxy)
     status, body, headers = await get(client, proxy, method="HEAD")
@@ -336,7 +329,7 @@ async def test_head_after_get_answers_from_the_entry(
 async def test_head_on_a_miss_goes_upstream_and_is_not_stored(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
     upstream.on("/a", answer(Cache_Control="max-age=60"))
     status, _, headers = await get(client, proxy, method="HEAD")
     assert (status, headers["x-sidecar-cache"]) == (200, "MISS")
@@ -348,7 +341,6 @@ async def test_head_on_a_miss_goes_upstream_and_is_not_stored(
 async def test_an_unsafe_request_invalidates_the_entry(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(Cache_Control="max-age=60"))
     await get(client, proxy)
     status, _, headers = await get(client, proxy, method="POST")
@@ -361,7 +353,6 @@ async def test_an_unsafe_request_invalidates_the_entry(
 async def test_request_no_store_bypasses_and_no_cache_revalidates(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(Cache_Control="max-age=60", ETag='"v1"'))
     await get(client, proxy)
     _, _, headers = await get(client, proxy, Cache_Control="no-store")
@@ -373,9 +364,10 @@ async def test_request_no_store_bypasses_and_no_cache_revalidates(
 
 
 async def test_stale_while_revalidate_answers_at_once_and_refreshes_in_the_background(
-    proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
+    sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock, stale_while_revalidate="30s")
+    proxy = await sidecar_factory(cached_yaml(upstream.url, stale_while_revalidate="30s"), wall_clock=clock)
+    cache = cache_of(proxy)
     upstream.on("/a", answer(b"v1", clock=clock, Cache_Control="max-age=10"),
                 answer(b"v2", clock=clock, Cache_Control="max-age=10"))
     await get(client, proxy)
@@ -404,9 +396,7 @@ async def test_a_body_broken_while_buffered_is_covered_by_the_stale_entry(
         writer.close()  # the second answer's body breaks off here
 
     port = await raw_upstream(behaviour)
-    proxy = await sidecar_factory(route_yaml(f"http://127.0.0.1:{port}",
-                                             "retries: {attempts: 1}\ncircuit_breaker: {enabled: false}"))
-    with_cache(proxy, clock)
+    proxy = await sidecar_factory(cached_yaml(f"http://127.0.0.1:{port}"), wall_clock=clock)
     assert (await get(client, proxy))[1] == b"first"
     clock.advance(5)
     status, body, headers = await get(client, proxy)
@@ -424,9 +414,8 @@ async def test_a_body_broken_without_a_stored_entry_is_the_error(
         writer.close()
 
     port = await raw_upstream(behaviour)
-    proxy = await sidecar_factory(route_yaml(f"http://127.0.0.1:{port}",
-                                             "retries: {attempts: 1}\ncircuit_breaker: {enabled: false}"))
-    cache = with_cache(proxy, clock)
+    proxy = await sidecar_factory(cached_yaml(f"http://127.0.0.1:{port}"), wall_clock=clock)
+    cache = cache_of(proxy)
     status, _, headers = await get(client, proxy)
     assert (status, headers["x-sidecar-error"]) == (502, "upstream_reset")
     assert len(cache.store) == 0
@@ -435,11 +424,9 @@ async def test_a_body_broken_without_a_stored_entry_is_the_error(
 async def test_an_open_breaker_is_covered_by_the_stale_entry(
     sidecar_factory: SidecarFactory, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    proxy = await sidecar_factory(route_yaml(upstream.url, """
-        retries: {attempts: 1}
-        circuit_breaker: {failure_threshold: 1, reset_timeout: 60s}
-    """))
-    with_cache(proxy, clock)
+    proxy = await sidecar_factory(cached_yaml(
+        upstream.url, "retries: {attempts: 1}\ncircuit_breaker: {failure_threshold: 1, reset_timeout: 60s}"
+    ), wall_clock=clock)
     upstream.on("/a", answer(Cache_Control="max-age=1"), answer(b"broken", status=500))
     await get(client, proxy)
     clock.advance(5)
@@ -455,7 +442,7 @@ async def test_waiters_share_a_failure_and_all_get_the_stale_entry(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
     """In an outage a herd of callers makes one upstream request, and every one gets the last good answer."""
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
     gate = Gate()
 
     async def failing(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
@@ -478,7 +465,6 @@ async def test_waiters_share_a_failure_and_all_get_the_stale_entry(
 async def test_an_answer_from_the_entry_carries_its_own_request_id(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
 
     async def echoing(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         return web.Response(body=BODY, headers={
@@ -493,7 +479,6 @@ async def test_an_answer_from_the_entry_carries_its_own_request_id(
 async def test_a_204_is_stored_and_answered_without_a_body(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    with_cache(proxy, clock)
     upstream.on("/a", answer(b"", status=204, Cache_Control="max-age=60"))
     await get(client, proxy)
     status, body, headers = await get(client, proxy)
@@ -505,7 +490,7 @@ async def test_a_204_is_stored_and_answered_without_a_body(
 async def test_a_get_with_a_body_bypasses_the_cache(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
     async def search(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
         hit.body = await request.read()
         return web.Response(body=hit.body, headers={"Cache-Control": "max-age=60"})
@@ -522,7 +507,7 @@ async def test_a_get_with_a_body_bypasses_the_cache(
 async def test_a_waiter_gives_up_at_its_own_deadline(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = with_cache(proxy, clock)
+    cache = cache_of(proxy)
     gate = Gate()
 
     async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:

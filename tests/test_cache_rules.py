@@ -219,6 +219,13 @@ def test_a_get_with_a_body_bypasses() -> None:
     assert (decision.action, decision.reason) == (Action.BYPASS, "request_body")
 
 
+def test_a_websocket_handshake_bypasses_even_a_fresh_entry() -> None:
+    stored = entry(*VALIDATED)
+    assert decide("GET", h(), [stored], T0).action is Action.SERVE
+    decision = decide("GET", h(), [stored], T0, upgrade=True)
+    assert (decision.action, decision.reason) == (Action.BYPASS, "upgrade")
+
+
 def test_stale_while_revalidate_window() -> None:
     stored = entry(("Cache-Control", "max-age=60, stale-while-revalidate=30"), ("ETag", '"v1"'), ("Date", DATE))
     assert decide("GET", h(), [stored], T0 + 59).action is Action.SERVE

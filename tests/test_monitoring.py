@@ -339,6 +339,11 @@ def every_state_yaml(web_url: str, bad_url: str, good_url: str, rude_url: str) -
             upstream: web
             circuit_breaker: {{enabled: false}}
             delivery: {{backoff: {{base: 1ms, max: 1m}}, concurrency: 4}}
+          - name: cached        # a miss, a hit, and an eviction: room for one small entry only
+            match: {{path_prefix: /cached/}}
+            strip_prefix: true
+            upstream: web
+            cache: {{max_bytes: 3KiB, default_ttl: 1m}}
     """
 
 
@@ -374,6 +379,9 @@ async def drive_into_every_state(
     assert await status_of(client, url + "/rude/late") == (200, None)  # then bytes nobody asked for
     await wait_until(lambda: proxy.metric("sidecar_upstream_unsolicited_closes_total", endpoint=rude_url) == 1)
     assert await status_of(client, url + "/operated/ok") == (503, "circuit_open")
+    assert await status_of(client, url + "/cached/ok") == (200, None)  # miss, stored
+    assert await status_of(client, url + "/cached/ok") == (200, None)  # hit
+    assert await status_of(client, url + "/cached/missing") == (404, None)  # miss, stored: /ok evicted
     await overflow_an_event_stream(client, proxy)
     await refuse_a_reload(client, proxy, config_file)
     await queue_and_deliver(client, proxy)
@@ -517,6 +525,10 @@ EXPECTED_SAMPLES: list[tuple[str, dict[str, str]]] = [
     ("sidecar_deliveries_total", {"route": "queued", "outcome": "deduplicated"}),
     ("sidecar_queue_messages", {"route": "queued", "status": "queued"}),
     ("sidecar_queue_messages", {"route": "queued", "status": "dead"}),
+    ("sidecar_cache_requests_total", {"route": "cached", "result": "miss"}),
+    ("sidecar_cache_requests_total", {"route": "cached", "result": "hit"}),
+    ("sidecar_cache_bytes", {"route": "cached"}),
+    ("sidecar_cache_evictions_total", {"route": "cached"}),
 ]
 
 

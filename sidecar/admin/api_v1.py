@@ -18,7 +18,11 @@ HEARTBEAT_SECONDS = 15.0  # an SSE comment line keeps idle streams alive through
 
 def add_routes(app: web.Application, context: AdminContext) -> None:
     async def routes(request: web.Request) -> web.Response:
-        return web.json_response({"routes": describe(context.config())["routes"]})
+        described = describe(context.config())["routes"]
+        for extras in context.route_extras:
+            for route in described:
+                route.update(extras(route["name"]))
+        return web.json_response({"routes": described})
 
     def snapshot(route: str) -> dict[str, Any]:
         breaker = context.breakers()[route]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -35,3 +36,5 @@ class AdminContext:
     reload: Callable[[], Awaitable[None]]  # from the config file; raises ReloadError when refused
     # Rooms add their own endpoints under /api/v1 (e.g. deliveries, cache purge).
     extensions: tuple[Callable[[web.Application], None], ...] = field(default=())
+    # Rooms add live figures to a route's entry in /api/v1/routes: route name -> extra keys.
+    route_extras: tuple[Callable[[str], dict[str, Any]], ...] = field(default=())

@@ -1,8 +1,8 @@
 """The response cache as a layer of a route's stack (issue 18).
 
-Where it belongs: outermost, before the bulkhead,
+Where it sits (proxy/stack.py): outermost,
 
-    cache -> limit -> deadline -> retry -> circuit breaker -> forward
+    cache -> deadline -> limit -> retry -> circuit breaker -> forward
 
 so a hit takes no concurrency slot and starts no deadline, and the failures it may cover
 with a stale entry (circuit_open, overloaded, and the upstream's own after retries) all
@@ -120,18 +120,32 @@ class RouteCache:
         """What the admin API may show for the route."""
         return {
             "entries": len(self.store), "bytes": self.store.bytes, "max_bytes": self.store.max_bytes,
-            "evictions": self.store.evictions, "results": dict(self.results),
+            "evictions": self.store.evictions,
+            "results": {label.lower(): count for label, count in self.results.items()},  # as in the metrics
         }
 
+    def figures(self) -> tuple[int, int]:
+        """(bytes held, evictions so far), for the metrics."""
+        return self.store.bytes, self.store.evictions
+
     def close(self) -> None:
-        """Stop background refreshes (on reload or shutdown)."""
+        """Stop background refreshes and let the entries go (on reload or shutdown)."""
         for task in self._background:
             task.cancel()
+        self.store.purge()  # requests still in flight on this cache may hold it a while
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(work)
         self._background.add(task)  # referenced until done, and cancellable by close()
         task.add_done_callback(self._background.discard)
+
+    def error_label(self, call: Call) -> str:
+        """x-sidecar-cache of an error answer the sidecar makes on this route: the cache's label,
+        or BYPASS (counted now) when the request was refused before it reached the cache."""
+        if call.cache_label is None:
+            self.counted(Label.BYPASS)
+            call.cache_label = Label.BYPASS
+        return call.cache_label
 
     def counted(self, label: Label) -> None:
         self.results[label] += 1
@@ -157,36 +171,43 @@ class _CachedHandler:
 
     async def handle(self, call: Call) -> Response:
         cache = self.cache
-        now = cache.clock()
-        key = call.target
-        entries = self.store.variants(key) if call.method in LOOKUP_METHODS else []
-        decision = decide(call.method, call.headers, entries, now, call.body is not None)
-        action, entry = decision.action, decision.entry
-        if action is Action.BYPASS:
-            cache.counted(Label.BYPASS)
-            response = await self.inner(call)
-            if invalidates(call.method, response.status):
-                self.store.remove(key)
-            return _labelled(response, Label.BYPASS)
-        if action is Action.SERVE:
-            assert entry is not None
-            return self.answer(call.method, call.headers, entry, Label.HIT, now)
-        if action is Action.SERVE_STALE:
-            assert entry is not None
-            self.refresh_in_background(call, decision)
-            return self.answer(call.method, call.headers, entry, Label.STALE, now, REVALIDATING)
-        if call.method == "HEAD":
-            # HEAD responses are not stored and the request goes up as sent (the caller's own
-            # conditionals too); the entry only stands in if the upstream fails.
-            through = Decision(Action.FETCH, entry, decision.reason)
-            return self.finish(call, through, await self.fetch(call, through, store=False), call.headers)
-        conditions = _take_conditions(call.headers)  # answered here, from what gets stored
-        if action is Action.REVALIDATE:
-            assert entry is not None
-            call.headers.extend(revalidation_fields(entry.freshness))
-        if not cache.spec.coalesce:
-            return self.finish(call, decision, await self.fetch(call, decision), conditions)
-        return await self.coalesced(call, decision, conditions, key)
+        try:
+            now = cache.clock()
+            key = call.target
+            entries = self.store.variants(key) if call.method in LOOKUP_METHODS and not call.upgrade else []
+            decision = decide(call.method, call.headers, entries, now, call.body is not None, call.upgrade)
+            action, entry = decision.action, decision.entry
+            if action is Action.BYPASS:
+                cache.counted(Label.BYPASS)
+                call.cache_label = Label.BYPASS  # shown only if the sidecar answers with an error
+                response = await self.inner(call)
+                if invalidates(call.method, response.status):
+                    self.store.remove(key)
+                return _labelled(response, Label.BYPASS)
+            if action is Action.SERVE:
+                assert entry is not None
+                return self.answer(call.method, call.headers, entry, Label.HIT, now)
+            if action is Action.SERVE_STALE:
+                assert entry is not None
+                self.refresh_in_background(call, decision)
+                return self.answer(call.method, call.headers, entry, Label.STALE, now, REVALIDATING)
+            if call.method == "HEAD":
+                # HEAD responses are not stored and the request goes up as sent (the caller's own
+                # conditionals too); the entry only stands in if the upstream fails.
+                through = Decision(Action.FETCH, entry, decision.reason)
+                return self.finish(call, through, await self.fetch(call, through, store=False), call.headers)
+            conditions = _take_conditions(call.headers)  # answered here, from what gets stored
+            if action is Action.REVALIDATE:
+                assert entry is not None
+                call.headers.extend(revalidation_fields(entry.freshness))
+            if not cache.spec.coalesce:
+                return self.finish(call, decision, await self.fetch(call, decision), conditions)
+            return await self.coalesced(call, decision, conditions, key)
+        except SidecarError:
+            if call.cache_label is None:  # failed on its way upstream before the cache counted it
+                cache.counted(Label.MISS)
+                call.cache_label = Label.MISS
+            raise
 
     async def coalesced(self, call: Call, decision: Decision, conditions: Headers, key: object,
                         rejoined: bool = False) -> Response:
@@ -267,6 +288,7 @@ class _CachedHandler:
             if fetched.response is None:
                 assert fetched.error is not None
                 cache.counted(Label.MISS)
+                call.cache_label = Label.MISS
                 raise fetched.error
         assert fetched.response is not None
         cache.counted(Label.MISS)

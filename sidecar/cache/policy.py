@@ -69,10 +69,12 @@ def select(entries: Iterable[Entry], request_headers: Headers) -> Entry | None:
 
 
 def decide(method: str, request_headers: Headers, entries: Iterable[Entry], now: float,
-           has_body: bool = False) -> Decision:
+           has_body: bool = False, upgrade: bool = False) -> Decision:
     """What to do with a request, given the entries stored under its target."""
     if method not in LOOKUP_METHODS:
         return Decision(Action.BYPASS, None, "method")
+    if upgrade:  # a WebSocket handshake: only the upstream can answer it (with its 101)
+        return Decision(Action.BYPASS, None, "upgrade")
     if has_body:  # a GET with a body (search APIs do this): the target alone is not its key
         return Decision(Action.BYPASS, None, "request_body")
     directives = request_directives(request_headers)

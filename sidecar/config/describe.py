@@ -62,6 +62,7 @@ def _describe(config: Config) -> dict[str, Any]:
                 **{section: plain(getattr(route, section)) for section in POLICY_SECTIONS},
                 "fallback": plain(route.fallback),
                 "delivery": plain(route.delivery),
+                "cache": plain(route.cache),
             }
             for route in config.routes
         ],

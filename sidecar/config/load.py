@@ -148,6 +148,7 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
             strip_prefix=route.strip_prefix, upstream=upstreams[route.upstream], fallback=route.fallback,
             websocket=route.websocket,
             delivery=route.delivery,
+            cache=route.cache,
             **policies,
         ))
     return Config(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from sidecar.config.cache import Cache
 from sidecar.config.delivery import DeliveryStore, RouteDelivery
 from sidecar.config.schema import (
     CircuitBreaker,
@@ -76,6 +77,7 @@ class RouteSpec:
     fallback: Fallback | None
     websocket: bool = True  # tunnel WebSocket upgrades
     delivery: RouteDelivery | None = None  # queued: accepted with 202, delivered later
+    cache: Cache | None = None  # the route's response cache (docs/cache.md); None: off
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from sidecar.config.cache import Cache
 from sidecar.config.delivery import DeliveryStore, RouteDelivery
 from sidecar.config.units import Duration, Size, duration, size
 
@@ -111,6 +112,8 @@ class Route(Policies, frozen=True, kw_only=True):
     fallback: Fallback | None = None
     # Accept writes with 202, store them, deliver them later (docs/delivery.md); None: proxied as usual.
     delivery: RouteDelivery | None = None
+    # A shared response cache for this route (docs/cache.md); off unless written.
+    cache: Cache | None = None
 
 
 class Outlier(_Section, frozen=True):

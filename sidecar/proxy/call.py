@@ -51,6 +51,8 @@ class Call:
     upstream_seconds: float = 0.0
     endpoint: Endpoint | None = None  # the endpoint of the latest attempt
     avoid: Endpoint | None = None  # an endpoint that just failed: pick another when there is one
+    # Set by a route's cache when the request fails: the x-sidecar-cache of the sidecar's error answer.
+    cache_label: str | None = None
     # Run once the upstream side is done (or failed), e.g. to free a concurrency slot: see complete().
     on_complete: list[Callable[[], None]] = field(default_factory=list)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from sidecar.cache.policy import CACHE_HEADER
 from sidecar.config import RouteSpec
 from sidecar.config.hosts import host_of
 from sidecar.config.schema import Server
@@ -122,6 +123,16 @@ def attempt_headers(call: Call) -> dict[str, str]:
     return {ATTEMPTS_HEADER: str(call.attempts), UPSTREAM_MS_HEADER: str(round(call.upstream_seconds * 1000))}
 
 
+def error_headers(route: ActiveRoute, call: Call) -> dict[str, str]:
+    """attempt_headers, and x-sidecar-cache on a cached route: the sidecar's own error answers
+    carry it too (answers from the upstream or the cache have it already)."""
+    headers = attempt_headers(call)
+    cache = route.state.cache
+    if cache is not None:
+        headers[CACHE_HEADER] = cache.error_label(call)
+    return headers
+
+
 class Listener:
     """The request handler of one listening address and the routes it serves."""
 
@@ -195,7 +206,7 @@ class Listener:
             except SidecarError as error:
                 error_kind = error.kind
                 response = error_response(
-                    error, spec.name, request_id, call.attempts, attempt_headers(call), spec.fallback
+                    error, spec.name, request_id, call.attempts, error_headers(route, call), spec.fallback
                 )
                 status = response.status
                 if self.draining or (call.body is not None and not request.content.is_eof()):
@@ -207,7 +218,7 @@ class Listener:
                 log.exception("unexpected error", extra={"route": spec.name, "request_id": request_id})
                 error_kind = SidecarError.kind
                 internal = SidecarError("the sidecar failed unexpectedly")
-                return error_response(internal, spec.name, request_id, call.attempts, attempt_headers(call))
+                return error_response(internal, spec.name, request_id, call.attempts, error_headers(route, call))
             status = upstream.status
             if call.upgrade and status == 101:
                 assert isinstance(upstream, UpstreamResponse)  # only the upstream client's connection tunnels

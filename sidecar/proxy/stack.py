@@ -1,15 +1,17 @@
 """A route's policy stack, built in one place, outermost layer first.
 
-    match route (proxy.py) -> deadline -> limit -> retry -> circuit breaker -> forward
+    match route (listener.py) -> cache -> deadline -> limit -> retry -> circuit breaker -> forward
 
 A disabled policy is a passthrough, so every route's stack has the same shape.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sidecar.cache.layer import RouteCache, cache_layer
 from sidecar.config import RouteSpec
 from sidecar.layers.breaker import RouteBreaker, breaker_layer
 from sidecar.layers.deadline import deadline_layer
@@ -34,13 +36,20 @@ class RouteState:
     budget: RetryBudget
     breaker: RouteBreaker | None  # None when circuit_breaker.enabled is false
     events: EventBus
+    cache: RouteCache | None = None  # None when the route has no `cache:`
 
 
 def new_route_state(
-    route: RouteSpec, metrics: RouteMetrics, endpoints: EndpointPool, clock: Callable[[], float], events: EventBus
+    route: RouteSpec, metrics: RouteMetrics, endpoints: EndpointPool, clock: Callable[[], float], events: EventBus,
+    wall_clock: Callable[[], float] = time.time,
 ) -> RouteState:
+    """`clock` is the event loop's; `wall_clock` is for the cache, whose ages meet Date headers."""
     budget = route.retries.budget
     breaker = route.circuit_breaker
+    cache = None
+    if route.cache is not None:
+        cache = RouteCache(route.name, route.cache, route.timeouts.total, route.timeouts.idle, wall_clock)
+        cache.on_result = metrics.cache_result
     return RouteState(
         metrics=metrics,
         endpoints=endpoints,
@@ -48,11 +57,15 @@ def new_route_state(
         budget=RetryBudget(budget.ratio, budget.min_per_second, clock),
         breaker=RouteBreaker(route.name, breaker, metrics, clock, events) if breaker.enabled else None,
         events=events,
+        cache=cache,
     )
 
 
 def route_stack(route: RouteSpec, client: UpstreamClient, state: RouteState) -> Handler:
     layers: list[Layer] = [
+        # The cache first: a fresh hit needs no deadline, slot, retry or breaker, and a stale
+        # entry may only answer for a failure once it is final (after retries, breaker, limit).
+        cache_layer(state.cache),
         # One deadline for the whole request from its arrival, so neither the wait for a slot
         # nor retries can stretch a caller's wait. A stamp, not a timer: free when unused.
         deadline_layer(route.timeouts),

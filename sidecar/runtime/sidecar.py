@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin import AdminContext, Readiness, admin_app, health_and_metrics
+from sidecar.cache import admin as cache_admin
+from sidecar.cache.layer import RouteCache
 from sidecar.config import Address, Config, ConfigError, RouteSpec, load_config
 from sidecar.delivery.admin import delivery_routes
 from sidecar.delivery.queue import RouteQueue
@@ -53,8 +56,10 @@ class Sidecar:
     def __init__(
         self, config: Config, registry: CollectorRegistry | None = None, log_stream: TextIO | None = None,
         config_path: str | None = None, reuse_port: bool = False, state_dir: Path | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self._wall_clock = wall_clock  # route caches' clock (tests move a fake one)
         self.config_path = config_path
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -97,6 +102,7 @@ class Sidecar:
         self._client = UpstreamClient(MAX_LINE, MAX_FIELD, self.metrics.connections)
         self._pools, self._routes = self._build(self.config)
         self._run_delivery(self.config)
+        self._caches_replaced({}, self._routes)
         try:
             for address in self.config.listeners:
                 self._listeners[address] = await self._open_listener(address, self.config)
@@ -121,8 +127,13 @@ class Sidecar:
             config=lambda: self.config,
             breakers=lambda: {name: route.state.breaker for name, route in self._routes.items()},
             reload=self._reload_from_admin,
-            extensions=(delivery_routes(lambda: self.delivery),),
+            extensions=(delivery_routes(lambda: self.delivery), cache_admin.admin_extension(self._caches)),
+            route_extras=(cache_admin.route_extras(self._caches),),
         )
+
+    def _caches(self) -> dict[str, RouteCache | None]:
+        """The route caches in force now, by route (None: no `cache:`), for the admin API."""
+        return {name: route.state.cache for name, route in self._routes.items()}
 
     async def _reload_from_admin(self) -> None:
         await self.reload_from_file()
@@ -150,7 +161,8 @@ class Sidecar:
             if old_route is not None and old_route.spec == spec:
                 routes[spec.name] = old_route
                 continue
-            state = new_route_state(spec, self.metrics.route(spec.name), pools[spec.upstream.name], clock, self.events)
+            state = new_route_state(spec, self.metrics.route(spec.name), pools[spec.upstream.name], clock, self.events,
+                                    self._wall_clock)
             routes[spec.name] = ActiveRoute(spec, route_stack(spec, self._client, state), state,
                                             self._queue(spec, state))
         return pools, routes
@@ -186,6 +198,21 @@ class Sidecar:
             queues = {name: route.queue for name, route in self._routes.items() if route.queue is not None}
             leases = {route.name: lease_for(route.timeouts.total) for route in config.routes}
             self.delivery.run(queues, leases, config.shutdown.timeout)
+
+    def _caches_replaced(self, before: dict[str, ActiveRoute], after: dict[str, ActiveRoute]) -> None:
+        """From the routes `before` to those `after`: the caches of routes that changed or went are
+        closed (background refreshes stop, entries are let go), and the metrics follow the new ones.
+        A route whose config changed starts with an empty cache; an unchanged route keeps its own."""
+        kept = {route.state.cache for route in after.values()}
+        for route in before.values():
+            if route.state.cache is not None and route.state.cache not in kept:
+                route.state.cache.close()
+        for name, route in after.items():
+            if before.get(name) is not route:
+                cache = route.state.cache
+                self.metrics.route(name).cache_watched(cache.figures if cache is not None else None)
+        for name in before.keys() - after.keys():
+            self.metrics.route(name).cache_watched(None)
 
     def _routes_on(self, address: Address) -> list[ActiveRoute]:
         return [route for route in self._routes.values() if route.spec.listen == address]
@@ -250,6 +277,7 @@ class Sidecar:
                         opened[address] = await self._open_listener(address, config)
             except OSError as exc:
                 self._routes = previous
+                self._caches_replaced(routes, previous)
                 for open_ in opened.values():
                     await open_.runner.cleanup()
                 self._refused(f"cannot listen on {address}: {exc.strerror or exc}")
@@ -262,6 +290,7 @@ class Sidecar:
                     guarded.limits = config.server  # new connections, and server.underscore_headers at once
             self._listeners.update(opened)
             self._pools = pools
+            self._caches_replaced(previous, routes)
             if (config.admin_listen, config.metrics_listen) != (self.config.admin_listen, self.config.metrics_listen):
                 log.warning("admin.listen and metrics.listen changes take effect after a restart")
             self.config = config
@@ -318,6 +347,9 @@ class Sidecar:
         await asyncio.gather(*(self._close_listener(open_) for open_ in self._listeners.values()), *self._draining,
                              *delivering)
         self._listeners.clear()
+        for route in self._routes.values():
+            if route.state.cache is not None:
+                route.state.cache.close()  # after the listeners: requests finishing may still read it
         if self.delivery is not None:
             await self.delivery.close()
             self.delivery = None

@@ -107,6 +107,18 @@ class Metrics:
             "sidecar_admin_events_dropped", "Events not delivered to a slow /api/v1/events client.",
             registry=registry,
         )
+        self.cache_requests = Counter(
+            "sidecar_cache_requests", "Answers of cached routes, by how the cache made them (x-sidecar-cache).",
+            ["route", "result"], registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "sidecar_cache_bytes", "Bytes the route's cache holds now, as counted against cache.max_bytes.",
+            ["route"], registry=registry, multiprocess_mode="livesum",  # each worker has its own cache
+        )
+        self.cache_evictions = Counter(
+            "sidecar_cache_evictions", "Cache entries dropped to make room for newer ones.", ["route"],
+            registry=registry,
+        )
         self.connections = ConnectionMetrics(registry)
         self.delivery = DeliveryMetrics(registry)
         build_info = Gauge("sidecar_build_info", "Always 1; the version label says which build runs.",
@@ -174,8 +186,9 @@ class RouteMetrics:
     """
 
     __slots__ = (
-        "_answered", "_attempt_children", "_attempt_duration", "_attempts", "_duration", "_in_flight_gauge",
-        "_metrics", "_name", "_request_children", "_websocket_gauge", "in_flight",
+        "_answered", "_attempt_children", "_attempt_duration", "_attempts", "_cache_children", "_cache_figures",
+        "_cache_results", "_duration", "_evictions_seen", "_in_flight_gauge", "_metrics", "_name",
+        "_request_children", "_websocket_gauge", "in_flight",
     )
 
     def __init__(self, metrics: Metrics, name: str) -> None:
@@ -190,6 +203,12 @@ class RouteMetrics:
         self._attempt_duration = HistogramTally(metrics.attempt_duration.labels(name))
         self._in_flight_gauge = metrics.in_flight.labels(name)
         self._websocket_gauge = metrics.websocket_connections.labels(name)  # every route shows 0 from the start
+        # Cached routes only: answers by x-sidecar-cache label, tallied like the requests, and
+        # the cache's (bytes, evictions so far), read when metrics are collected.
+        self._cache_results: dict[str, int] = {}
+        self._cache_children: dict[str, Counter] = {}
+        self._cache_figures: Callable[[], tuple[int, int]] | None = None
+        self._evictions_seen = 0
 
     def started(self) -> None:
         self.in_flight += 1
@@ -218,6 +237,32 @@ class RouteMetrics:
         self._duration.flush()
         self._attempt_duration.flush()
         self._in_flight_gauge.set(self.in_flight)
+        if self._cache_results:
+            _fold(self._cache_results, self._cache_children,
+                  lambda label: self._metrics.cache_requests.labels(self._name, label.lower()))
+        if self._cache_figures is not None:
+            held, evictions = self._cache_figures()
+            self._metrics.cache_bytes.labels(self._name).set(held)
+            if evictions > self._evictions_seen:
+                self._metrics.cache_evictions.labels(self._name).inc(evictions - self._evictions_seen)
+            self._evictions_seen = evictions
+
+    def cache_result(self, label: str) -> None:
+        """An answer of the route's cache; label: an x-sidecar-cache value (MISS, HIT, ...)."""
+        results = self._cache_results
+        results[label] = results.get(label, 0) + 1
+
+    def cache_watched(self, figures: Callable[[], tuple[int, int]] | None) -> None:
+        """The route's cache from now on: what tells its (bytes held, evictions so far), or None
+        when the route has no cache any more (its bytes then show 0). A new cache counts its
+        evictions from 0."""
+        if figures is not None:
+            self._metrics.cache_evictions.labels(self._name)  # 0 from the start, like the bytes
+            self._metrics.cache_bytes.labels(self._name)
+        elif self._cache_figures is not None:
+            self._metrics.cache_bytes.labels(self._name).set(0)
+        self._cache_figures = figures
+        self._evictions_seen = 0
 
     def retried(self, reason: str) -> None:
         self._metrics.retries.labels(self._name, reason).inc()

@@ -1,0 +1,65 @@
+"""The cache's part of the admin API (docs/admin-openapi.yaml), added through AdminContext's hooks:
+
+    DELETE /api/v1/cache?route=NAME&prefix=/PATH   drop stored entries (the admin token when set)
+    cache_stats on each route of GET /api/v1/routes
+
+With --workers N each worker has its own cache, and these reach the worker that answers.
+
+The admin package knows nothing of the cache: the runtime hands these the caches in force.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.cache.layer import RouteCache
+
+# The caches in force by route name (a reload replaces them); None for a route without `cache:`.
+Caches = Callable[[], Mapping[str, RouteCache | None]]
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"error": kind, "message": message}, status=status)
+
+
+def admin_extension(caches: Caches) -> Callable[[web.Application], None]:
+    """For AdminContext.extensions: adds the purge endpoint."""
+
+    async def purge(request: web.Request) -> web.Response:
+        route = request.query.get("route")
+        prefix = request.query.get("prefix", "/")  # every target starts with /
+        if not prefix.startswith("/"):
+            return _error(400, "bad_request", f"prefix must start with / (a request target); got {prefix[:100]!r}")
+        current = caches()
+        if route is not None:
+            if route not in current:
+                return _error(404, "unknown_route", f"no route named {route[:100]}")
+            if current[route] is None:
+                return _error(409, "cache_disabled", f"route {route} has no cache")
+            chosen = [route]
+        else:
+            chosen = [name for name, cache in current.items() if cache is not None]
+        purged = {}
+        for name in chosen:
+            cache = current[name]
+            assert cache is not None
+            purged[name] = cache.store.purge(prefix)
+        return web.json_response({"prefix": prefix, "purged": purged})
+
+    def extend(app: web.Application) -> None:
+        app.router.add_delete("/api/v1/cache", purge)
+
+    return extend
+
+
+def route_extras(caches: Caches) -> Callable[[str], dict[str, Any]]:
+    """For AdminContext.route_extras: a route's `cache_stats` in /api/v1/routes, null without a cache."""
+
+    def stats(route: str) -> dict[str, Any]:
+        cache = caches().get(route)
+        return {"cache_stats": cache.snapshot() if cache is not None else None}
+
+    return stats
