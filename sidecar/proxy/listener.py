@@ -19,6 +19,7 @@ from sidecar.errors import BadRequest, CallerGone, NoRoute, PayloadTooLarge, Req
 from sidecar.proxy.call import Call, Handler
 from sidecar.proxy.stack import RouteState
 from sidecar.telemetry.access_log import AccessLog
+from sidecar.telemetry.exchange import Exchange
 from sidecar.telemetry.metrics import RouteMetrics
 from sidecar.wire.body import CallerBody
 from sidecar.wire.headers import request_id_of, upstream_request_headers
@@ -154,97 +155,122 @@ class Listener:
         self._table = RouteTable(routes)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = self._loop.time()
-        request_id = request_id_of(request.headers)
-        raw_path = request.raw_path
-        refused = refusal(request, raw_path, self.limits)
+        """Admit, match, run the route's stack, answer; the exchange is recorded once at the end."""
+        exchange = Exchange(request_id_of(request.headers), request.method, request.raw_path, self._loop.time())
+        refused = refusal(request, exchange.path, self.limits)
         # The Host header as sent: when it is missing (HTTP/1.0), aiohttp's request.host
         # falls back to our own listening address, which a host route could match.
-        host = request.headers.get("Host", "")
-        route = self._table.match(host, raw_path) if refused is None else None
+        route = self._table.match(request.headers.get("Host", ""), exchange.path) if refused is None else None
         if route is None:
-            error = refused or NoRoute(f"no route matches {request.method} {request.path}")
-            self._unmatched.answered(request.method, error.status, self._loop.time() - started)
-            if self._access_log.enabled:
-                self._access_log.record(request_id, None, request.method, raw_path, error.status,
-                                        self._loop.time() - started, 0.0, 0, None, None, error.kind)
-            unrouted = error_response(error, None, request_id)
-            if self.draining or refused is not None:
-                unrouted.force_close()  # a refused request's framing or intent is in doubt
-            return unrouted
+            return self._unrouted(request, exchange, refused)
         metrics = route.state.metrics
         metrics.started()
-        status = 500
-        error_kind: str | None = None
+        exchange.route = route.spec.name
+        call = self._call(request, route, exchange.request_id)
+        try:
+            return await self._answer(request, route, call, exchange)
+        except asyncio.CancelledError:
+            exchange.status, exchange.error = CallerGone.status, CallerGone.kind  # the caller hung up
+            raise
+        finally:
+            call.complete()  # a no-op when the relay freed the slot already
+            metrics.ended()
+            exchange.duration = self._loop.time() - exchange.started
+            exchange.upstream_seconds, exchange.attempts = call.upstream_seconds, call.attempts
+            exchange.endpoint = call.endpoint.base if call.endpoint else None
+            breaker = route.state.breaker
+            exchange.breaker = breaker.state if breaker else None
+            self._record(metrics, exchange)
+
+    def _unrouted(self, request: web.BaseRequest, exchange: Exchange, refused: SidecarError | None) -> web.Response:
+        """A request refused by the request checks, or matching no route: never forwarded."""
+        error = refused or NoRoute(f"no route matches {request.method} {request.path}")
+        exchange.status, exchange.error = error.status, error.kind
+        exchange.duration = self._loop.time() - exchange.started
+        self._record(self._unmatched, exchange)
+        unrouted = error_response(error, None, exchange.request_id)
+        if self.draining or refused is not None:
+            unrouted.force_close()  # a refused request's framing or intent is in doubt
+        return unrouted
+
+    def _record(self, metrics: RouteMetrics, exchange: Exchange) -> None:
+        metrics.answered(exchange.method, exchange.status, exchange.duration)
+        if self._access_log.enabled:
+            self._access_log.record(exchange)
+
+    @staticmethod
+    def _call(request: web.BaseRequest, route: ActiveRoute, request_id: str) -> Call:
         spec = route.spec
-        call = Call(
+        return Call(
             method=request.method,
-            target=upstream_target(spec, raw_path),
+            target=upstream_target(spec, request.raw_path),
             headers=upstream_request_headers(request.headers, request.remote, request.scheme, request_id),
             body=CallerBody(
                 request.content, spec.timeouts.idle, spec.limits.max_body, continue_sender(request)
             ) if request.body_exists else None,
         )
-        tunnel: Tunnel | None = None
+
+    async def _answer(
+        self, request: web.BaseRequest, route: ActiveRoute, call: Call, exchange: Exchange
+    ) -> web.StreamResponse:
+        """Admission (what the stack's docstring lists before the layers), then the stack, then the relay."""
+        spec = route.spec
         try:
+            admit(request, spec, call)
+            if route.queue is not None and route.queue.takes(request.method, request.headers):
+                accepted = await route.queue.accept(call)  # stored durably: 202, delivered later
+                exchange.status = accepted.status
+                if self.draining:
+                    accepted.force_close()
+                return accepted
+            body, length = call.body, request.content_length
+            if isinstance(body, CallerBody) and length is not None and length <= spec.retries.max_body:
+                # Read whole before taking a slot: a trickling caller holds only its connection.
+                call.body = await body.read_small(self.limits.body_timeout)
+            upstream = await route.handler(call)
+        except SidecarError as error:
+            return self._refused(request, route, call, exchange, error)
+        except Exception:
+            log.exception("unexpected error", extra={"route": spec.name, "request_id": exchange.request_id})
+            return self._refused(request, route, call, exchange, SidecarError("the sidecar failed unexpectedly"))
+        exchange.status = upstream.status
+        if call.upgrade and upstream.status == 101:
+            assert isinstance(upstream, UpstreamResponse)  # only the upstream client's connection tunnels
+            tunnel = Tunnel(request, upstream, spec.timeouts.idle, route.state.metrics, self.tunnels)
             try:
-                call.max_attempts, call.timeout = caller_limits(request.headers)
-                call.upgrade = websocket_upgrade(request, spec.websocket, call.headers)
-                if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
-                    raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")
-                if route.queue is not None and route.queue.takes(request.method, request.headers):
-                    accepted = await route.queue.accept(call)  # stored durably: 202, delivered later
-                    status = accepted.status
-                    if self.draining:
-                        accepted.force_close()
-                    return accepted
-                body, length = call.body, request.content_length
-                if isinstance(body, CallerBody) and length is not None and length <= spec.retries.max_body:
-                    # Read whole before taking a slot: a trickling caller holds only its connection.
-                    call.body = await body.read_small(self.limits.body_timeout)
-                upstream = await route.handler(call)
-            except SidecarError as error:
-                error_kind = error.kind
-                response = error_response(
-                    error, spec.name, request_id, call.attempts, error_headers(route, call), spec.fallback
-                )
-                status = response.status
-                if self.draining or (call.body is not None and not request.content.is_eof()):
-                    response.force_close()  # draining, or the rest of the body is not worth reading
-                if isinstance(error, RequestBodyTimeout) and isinstance(request.protocol, GuardedHandler):
-                    request.protocol.close_without_lingering()  # it went silent: nothing more will come
-                return response
-            except Exception:
-                log.exception("unexpected error", extra={"route": spec.name, "request_id": request_id})
-                error_kind = SidecarError.kind
-                internal = SidecarError("the sidecar failed unexpectedly")
-                return error_response(internal, spec.name, request_id, call.attempts, error_headers(route, call))
-            status = upstream.status
-            if call.upgrade and status == 101:
-                assert isinstance(upstream, UpstreamResponse)  # only the upstream client's connection tunnels
-                tunnel = Tunnel(request, upstream, spec.timeouts.idle, metrics, self.tunnels)
-                return await tunnel.run(request_id, attempt_headers(call))
-            # An answer that came before the caller's body was all read (a 401 to an upload the
-            # upstream never read) is relayed as it is, and the caller's connection closes after
-            # it: the rest of that body is not worth reading.
-            keep_alive = not self.draining and (call.body is None or request.content.is_eof())
-            return await relay(
-                request, upstream, request_id, spec.timeouts.idle, attempt_headers(call), keep_alive,
-                call.complete, self.limits,
-            )
-        except asyncio.CancelledError:
-            status, error_kind = CallerGone.status, CallerGone.kind  # the caller hung up
-            raise
-        finally:
-            call.complete()  # a no-op when the relay freed the slot already
-            metrics.ended()
-            duration = self._loop.time() - started
-            metrics.answered(request.method, status, duration)
-            if self._access_log.enabled:
-                breaker = route.state.breaker
-                self._access_log.record(
-                    request_id, spec.name, request.method, raw_path, status, duration, call.upstream_seconds,
-                    call.attempts, call.endpoint.base if call.endpoint else None,
-                    breaker.state if breaker else None, error_kind,
-                    (tunnel.bytes_in, tunnel.bytes_out) if tunnel else None,
-                )
+                return await tunnel.run(exchange.request_id, attempt_headers(call))
+            finally:
+                exchange.tunnelled = (tunnel.bytes_in, tunnel.bytes_out)
+        # An answer that came before the caller's body was all read (a 401 to an upload the
+        # upstream never read) is relayed as it is, and the caller's connection closes after
+        # it: the rest of that body is not worth reading.
+        keep_alive = not self.draining and (call.body is None or request.content.is_eof())
+        return await relay(
+            request, upstream, exchange.request_id, spec.timeouts.idle, attempt_headers(call), keep_alive,
+            call.complete, self.limits,
+        )
+
+    def _refused(
+        self, request: web.BaseRequest, route: ActiveRoute, call: Call, exchange: Exchange, error: SidecarError
+    ) -> web.Response:
+        """The sidecar's own answer on a route: its error (or the route's fallback while it sheds load)."""
+        spec = route.spec
+        exchange.error = error.kind
+        response = error_response(
+            error, spec.name, exchange.request_id, call.attempts, error_headers(route, call), spec.fallback
+        )
+        exchange.status = response.status
+        if self.draining or (call.body is not None and not request.content.is_eof()):
+            response.force_close()  # draining, or the rest of the body is not worth reading
+        if isinstance(error, RequestBodyTimeout) and isinstance(request.protocol, GuardedHandler):
+            request.protocol.close_without_lingering()  # it went silent: nothing more will come
+        return response
+
+
+def admit(request: web.BaseRequest, spec: RouteSpec, call: Call) -> None:
+    """What a routed request must pass before its route's stack: the caller's own limits, a
+    WebSocket handshake's shape, the body limit. Raises the SidecarError to answer with."""
+    call.max_attempts, call.timeout = caller_limits(request.headers)
+    call.upgrade = websocket_upgrade(request, spec.websocket, call.headers)
+    if spec.limits.max_body is not None and (request.content_length or 0) > spec.limits.max_body:
+        raise PayloadTooLarge(f"the request body is larger than {spec.limits.max_body} bytes")

@@ -1,8 +1,16 @@
 """A route's policy stack, built in one place, outermost layer first.
 
-    match route (listener.py) -> cache -> deadline -> limit -> retry -> circuit breaker -> forward
+Every policy a request meets, in order:
 
-A disabled policy is a passthrough, so every route's stack has the same shape.
+    admission (listener.py)   request checks (wire/request_checks.py: versions, codings, paths,
+                              never an open proxy) -> route match -> the caller's own limits
+                              (x-sidecar-*) -> WebSocket handshake shape -> limits.max_body ->
+                              [delivery: stored and answered 202, delivered later by the queue]
+                              -> a body that fits retries.max_body read whole (server.body_timeout)
+    the stack (here)          cache -> deadline -> limit -> retry -> circuit breaker -> forward
+
+Admission runs before any layer because nothing it refuses should cost a concurrency slot or a
+retry budget. A disabled policy is a passthrough, so every route's stack has the same shape.
 """
 
 from __future__ import annotations

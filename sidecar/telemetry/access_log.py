@@ -17,6 +17,7 @@ from typing import TextIO
 import msgspec
 
 from sidecar.config.schema import Log
+from sidecar.telemetry.exchange import Exchange
 from sidecar.telemetry.timestamps import IsoPerSecond
 
 FLUSH_AFTER = 0.05  # seconds: lines written in one batch reach the collector together
@@ -37,22 +38,22 @@ class AccessLog:
         self._sample = policy.sample
         self._query = policy.query
 
-    def record(
-        self, request_id: str, route: str | None, method: str, raw_path: str, status: int, duration: float,
-        upstream: float, attempts: int, endpoint: str | None, breaker: str | None, error: str | None,
-        tunnelled: tuple[int, int] | None = None,
-    ) -> None:
-        """`tunnelled`: (bytes in, bytes out) of a WebSocket connection, for the fields only its line has."""
+    def record(self, exchange: Exchange) -> None:
+        """One line for `exchange`; a WebSocket connection's line also has bytes_in and bytes_out."""
         if self._sample < 1.0 and random.random() >= self._sample:
             return
+        raw_path = exchange.path
         path = raw_path if self._query else raw_path.split("?", 1)[0]
         fields: dict[str, object] = {
-            "time": self._iso(time.time()), "request_id": request_id, "route": route, "method": method, "path": path,
-            "status": status, "duration_ms": round(duration * 1000, 3), "upstream_ms": round(upstream * 1000, 3),
-            "attempts": attempts, "endpoint": endpoint, "breaker": breaker, "error": error,
+            "time": self._iso(time.time()), "request_id": exchange.request_id, "route": exchange.route,
+            "method": exchange.method, "path": path, "status": exchange.status,
+            "duration_ms": round(exchange.duration * 1000, 3),
+            "upstream_ms": round(exchange.upstream_seconds * 1000, 3),
+            "attempts": exchange.attempts, "endpoint": exchange.endpoint, "breaker": exchange.breaker,
+            "error": exchange.error,
         }
-        if tunnelled is not None:
-            fields["bytes_in"], fields["bytes_out"] = tunnelled
+        if exchange.tunnelled is not None:
+            fields["bytes_in"], fields["bytes_out"] = exchange.tunnelled
         line = _encode(fields).decode()
         if not self._pending:
             asyncio.get_running_loop().call_later(FLUSH_AFTER, self.flush)
