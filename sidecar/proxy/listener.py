@@ -176,27 +176,26 @@ class Listener:
             call.complete()  # a no-op when the relay freed the slot already
             metrics.ended()
             exchange.duration = self._loop.time() - exchange.started
-            exchange.upstream_seconds, exchange.attempts = call.upstream_seconds, call.attempts
-            exchange.endpoint = call.endpoint.base if call.endpoint else None
-            breaker = route.state.breaker
-            exchange.breaker = breaker.state if breaker else None
-            self._record(metrics, exchange)
+            metrics.answered(exchange.method, exchange.status, exchange.duration)
+            if self._access_log.enabled:  # the rest is for its line only: not paid with the log off
+                exchange.upstream_seconds, exchange.attempts = call.upstream_seconds, call.attempts
+                exchange.endpoint = call.endpoint.base if call.endpoint else None
+                breaker = route.state.breaker
+                exchange.breaker = breaker.state if breaker else None
+                self._access_log.record(exchange)
 
     def _unrouted(self, request: web.BaseRequest, exchange: Exchange, refused: SidecarError | None) -> web.Response:
         """A request refused by the request checks, or matching no route: never forwarded."""
         error = refused or NoRoute(f"no route matches {request.method} {request.path}")
         exchange.status, exchange.error = error.status, error.kind
         exchange.duration = self._loop.time() - exchange.started
-        self._record(self._unmatched, exchange)
+        self._unmatched.answered(exchange.method, exchange.status, exchange.duration)
+        if self._access_log.enabled:
+            self._access_log.record(exchange)
         unrouted = error_response(error, None, exchange.request_id)
         if self.draining or refused is not None:
             unrouted.force_close()  # a refused request's framing or intent is in doubt
         return unrouted
-
-    def _record(self, metrics: RouteMetrics, exchange: Exchange) -> None:
-        metrics.answered(exchange.method, exchange.status, exchange.duration)
-        if self._access_log.enabled:
-            self._access_log.record(exchange)
 
     @staticmethod
     def _call(request: web.BaseRequest, route: ActiveRoute, request_id: str) -> Call:
