@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config import parse_config
 from sidecar.delivery.model import Message, Status, new_id, new_message
 from sidecar.delivery.sqlite_store import SqliteStore
 from sidecar.delivery.store import Limits, QueueFull, Store, StoreError, StoreUnavailable, open_store
@@ -150,6 +151,28 @@ async def test_a_full_route_refuses_and_stores_nothing(store: Store) -> None:
     stats = await store.stats(now=NOW)
     assert stats["hooks"].counts[Status.QUEUED] == 2 and stats["hooks"].bytes == 20
     assert "big" not in stats or sum(stats["big"].counts.values()) == 0
+
+
+async def test_limits_written_with_units_in_the_config_are_enforced(store: Store) -> None:
+    # The config's sizes are Size values whose str() is "1KiB": the store must use their number.
+    config = parse_config(
+        'upstreams: {up: {endpoints: ["http://127.0.0.1:1"]}}\n'
+        "routes: [{name: hooks, match: {path_prefix: /}, upstream: up,\n"
+        "          delivery: {max_bytes: 1KiB, max_pending: 3, dedupe_window: 1m}}]\n", {},
+    )
+    delivery = config.routes[0].delivery
+    assert delivery is not None
+    limits = Limits.of(delivery)
+    assert str(limits.max_bytes) == "1KiB"
+    await store.accept(message(body=b"x" * 600), limits)
+    with pytest.raises(QueueFull) as too_big:
+        await store.accept(message(body=b"x" * 600), limits)
+    assert too_big.value.limit == "max_bytes"
+    for _ in range(2):
+        await store.accept(message(body=b"x"), limits, dedupe=False)
+    with pytest.raises(QueueFull) as too_many:
+        await store.accept(message(body=b"x"), limits, dedupe=False)
+    assert too_many.value.limit == "max_pending"
 
 
 async def test_concurrent_accepts_past_the_limit_store_exactly_the_limit(store: Store) -> None:

@@ -380,8 +380,9 @@ class RedisStore:
         ]
         outcome, value = await self._call(self._accept(args=[
             self.prefix, message.route, message.id, message.idempotency_key, "1" if dedupe else "0",
-            _number(message.accepted_at), _number(limits.dedupe_window), str(limits.max_pending),
-            str(limits.max_bytes), str(message.size), *fields,
+            # int(): the config's Size prints as "256MiB", which Lua's tonumber cannot read.
+            _number(message.accepted_at), _number(limits.dedupe_window), str(int(limits.max_pending)),
+            str(int(limits.max_bytes)), str(message.size), *fields,
         ]))
         if outcome == b"full":
             raise QueueFull(message.route, value.decode())
