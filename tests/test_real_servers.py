@@ -349,9 +349,9 @@ def loaded_loop(hold: float) -> Iterator[None]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("server_name", "pauses"), [
     # gunicorn's gthread worker closes a connection idle for 2 s (its sync worker keeps none).
-    ("gunicorn_threads", sweep(1.90, 2.10, 9)),
+    ("gunicorn_threads", sweep(1.90, 2.10, 7)),
     # Node closes a connection idle for keepAliveTimeout (5 s) about 1 s later: at 6 s.
-    ("node", sweep(5.90, 6.10, 3)),
+    ("node", sweep(5.90, 6.10, 2)),
 ], ids=["gunicorn-gthread", "node"])
 async def test_idle_pauses_around_the_upstreams_keepalive_timeout_cost_nothing(
     server_name: str, pauses: list[float], request: pytest.FixtureRequest, sidecar_factory: SidecarFactory,
