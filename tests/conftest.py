@@ -335,3 +335,20 @@ async def callers(tmp_path: Path) -> AsyncIterator[Callable[[str], Caller]]:
     yield make
     for caller in made:
         await caller.close()
+
+
+@pytest.fixture
+async def upstream_on() -> AsyncIterator[Callable[[Upstream, int], Awaitable[None]]]:
+    """Serve an Upstream on a port chosen beforehand (it is "down" until then)."""
+    runners: list[web.BaseRunner] = []
+
+    async def serve(upstream: Upstream, port: int) -> None:
+        runner = web.ServerRunner(web.Server(upstream.handle), shutdown_timeout=0.5)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        upstream.port, upstream.url = port, f"http://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()

@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from tests.conftest import RunningSidecar, SidecarFactory, Upstream, answering, echo, route_yaml, wait_until
 from tests.processes import free_port
@@ -58,22 +57,6 @@ async def until_status(
             await asyncio.sleep(0.02)
     return seen
 
-
-@pytest.fixture
-async def upstream_on() -> AsyncIterator[Callable[[Upstream, int], Awaitable[None]]]:
-    """Serve an Upstream on a port chosen beforehand (it is "down" until then)."""
-    runners: list[web.BaseRunner] = []
-
-    async def serve(upstream: Upstream, port: int) -> None:
-        runner = web.ServerRunner(web.Server(upstream.handle), shutdown_timeout=0.5)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        upstream.port, upstream.url = port, f"http://127.0.0.1:{port}"
-
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
 
 
 async def test_a_write_is_answered_202_and_delivered_with_its_key(

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from tests.conftest import Upstream, wait_until
 from tests.processes import ProcessConfig, free_port, wait_ready
@@ -42,20 +41,6 @@ def start(config: ProcessConfig, state: Path, *extra: str, stderr: Path | None =
     )
     return process
 
-
-@pytest.fixture
-async def upstream_on() -> AsyncIterator[Callable[[Upstream, int], Awaitable[None]]]:
-    runners: list[web.BaseRunner] = []
-
-    async def serve(upstream: Upstream, port: int) -> None:
-        runner = web.ServerRunner(web.Server(upstream.handle), shutdown_timeout=0.5)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
 
 
 @pytest.fixture

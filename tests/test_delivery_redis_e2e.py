@@ -87,21 +87,6 @@ async def sidecars() -> AsyncIterator[Callable[..., Awaitable[list[subprocess.Po
         process.wait(10)
 
 
-@pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Upstream, int], Awaitable[None]]]:
-    """serve(upstream, port): a real HTTP server on a port chosen before (so it can be down at first)."""
-    runners: list[web.BaseRunner] = []
-
-    async def start(upstream: Upstream, port: int) -> None:
-        runner = web.ServerRunner(web.Server(upstream.handle), shutdown_timeout=0.5)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
 
 async def slow_echo(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
     """An upstream that takes 50 ms per request, so each pod finds the other's attempts in flight."""
@@ -156,7 +141,7 @@ def keys(upstream: Upstream, route: str) -> list[str]:
 @pytest.mark.timeout(60)
 async def test_two_sidecars_share_one_queue_and_deliver_each_message_exactly_once(
     tmp_path: Path, redis_server: RedisServer, sidecars: Callable[..., Awaitable[list[subprocess.Popen[bytes]]]],
-    serve: Callable[[Upstream, int], Awaitable[None]],
+    upstream_on: Callable[[Upstream, int], Awaitable[None]],
 ) -> None:
     upstream_port = free_port()  # down while the messages are accepted
     a = write_config(tmp_path / "a", upstream_port, redis_server.url)
@@ -172,7 +157,7 @@ async def test_two_sidecars_share_one_queue_and_deliver_each_message_exactly_onc
         upstream = Upstream("back")
         for route in ROUTES:
             upstream.on(f"/{route}", slow_echo)
-        await serve(upstream, upstream_port)
+        await upstream_on(upstream, upstream_port)
         await until_delivered(session, b.admin, ids, limit=20)
     for route in ROUTES:
         bodies = Counter(hit.body for hit in upstream.hits_for(f"/{route}"))

@@ -8,28 +8,18 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from aiohttp import StreamReader
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from sidecar.config import Endpoint
+from sidecar.wire.answer import Relayable
 from sidecar.wire.body import Body, CallerBody
 
-
-class Response(Protocol):
-    """An upstream's answer on its way back through the layers: status and headers read, the
-    body still to come. `release()` when done with it (the connection may be reused), `close()`
-    to drop it at once. The upstream client's response is one; a cache hit can be another."""
-
-    status: int
-    reason: str
-    headers: CIMultiDictProxy[str]
-    content: StreamReader
-
-    def release(self) -> None: ...
-
-    def close(self) -> None: ...
+# An upstream's answer on its way back through the layers: status and headers read, the body
+# still to come; `release()` when done with it (the connection may be reused), `close()` to drop
+# it at once. The upstream client's response is one, a cache hit another. Declared once, in the
+# wire (what relay.py can send), and named here for the layers, which import nothing of the wire.
+Response = Relayable
 
 
 @dataclass(slots=True)
