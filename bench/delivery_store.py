@@ -10,8 +10,8 @@ Each accepter awaits `accept` (durable on return) and then takes the next messag
 handlers of 64 concurrent callers would. Prints accepts/s, CPU time per accept (steadier than
 accepts/s on a shared machine) and, for SQLite, the commits it took (group
 commit: many accepts per fsync). With --deliver N, a Deliverer then drains the queue with
-concurrency N and a send that answers 200 at once: the store's share of each delivery (claim and
-record, two commits per message at concurrency 1). Run it from the repository root. Bounded: --messages in total and
+concurrency N and a send that answers 200 at once: the store's share of each delivery (claims and
+records, which share commits). Run it from the repository root. Bounded: --messages in total and
 --limit seconds.
 """
 

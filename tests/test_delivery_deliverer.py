@@ -18,10 +18,10 @@ from yarl import URL
 
 from sidecar.config.delivery import RouteDelivery
 from sidecar.config.units import decode_hook
-from sidecar.delivery.deliverer import Deliverer, OnDecision, Send
+from sidecar.delivery.deliverer import MAX_UNRECORDED, Deliverer, OnDecision, Send
 from sidecar.delivery.model import Message, Outcome, Schedule, Status, new_message
 from sidecar.delivery.sqlite_store import SqliteStore
-from sidecar.delivery.store import Limits
+from sidecar.delivery.store import Limits, StoreUnavailable
 from tests.conftest import Gate, Hit, Upstream, answering, echo
 from tests.processes import free_port
 
@@ -292,3 +292,118 @@ async def test_a_send_that_raises_is_retried_not_fatal(
     record = await store.get(message_id)
     assert record is not None and record.attempts == 2 and len(upstream.hits) == 1
 
+
+
+class HeldMarks(SqliteStore):
+    """The real store, whose delivered marks wait until `release` is set: a store slow to record.
+
+    With `lost` set when they are released, they fail as if the process had died before writing
+    them: the message stays leased, as on disk after a crash between the send and its record.
+    """
+
+    release: asyncio.Event
+    lost = False
+    entered = 0  # marks asked for
+    landed = 0  # marks written
+
+    async def mark_delivered(self, message_id: str, *, owner: str, now: float, attempts: int, status: int) -> bool:
+        self.entered += 1
+        await self.release.wait()
+        if self.lost:
+            raise StoreUnavailable("the process died before the mark was written")
+        done = await super().mark_delivered(message_id, owner=owner, now=now, attempts=attempts, status=status)
+        self.landed += 1
+        return done
+
+
+@pytest.fixture
+async def held(tmp_path: Path) -> AsyncIterator[HeldMarks]:
+    opened = await HeldMarks.open(tmp_path / "delivery.sqlite3")
+    assert isinstance(opened, HeldMarks)
+    opened.release = asyncio.Event()
+    yield opened
+    opened.release.set()
+    await opened.close()
+
+
+async def test_sends_go_ahead_of_their_records_in_order_at_most_max_unrecorded_of_them(
+    held: HeldMarks, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    count = MAX_UNRECORDED + 6
+    for number in range(count):
+        await accept(held, number)
+    real = sender(session, lambda: upstream.url)
+    unrecorded_at_send: list[int] = []
+
+    async def send(message: Message) -> Outcome:
+        unrecorded_at_send.append(len(upstream.hits) - held.landed)  # sent before, not recorded yet
+        return await real(message)
+
+    loop = deliverer(held, send, policy())
+    loop.start()
+    try:
+        await eventually(lambda: as_awaitable(held.entered >= MAX_UNRECORDED))
+        assert len(upstream.hits) == MAX_UNRECORDED  # the sender waits for its records now
+        held.release.set()
+        await eventually(delivered(held, count))
+    finally:
+        await loop.stop(grace=1.0)
+    assert keys(upstream.hits) == [f"k{number}" for number in range(count)]  # in order, each once
+    assert max(unrecorded_at_send) == MAX_UNRECORDED - 1
+    assert held.landed == count
+
+
+async def test_a_crash_between_send_and_record_delivers_again_after_the_lease(
+    held: HeldMarks, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    for number in range(5):
+        await accept(held, number)
+    crashed = deliverer(held, sender(session, lambda: upstream.url), policy(), owner="crashed", lease=1.0)
+    crashed.start()
+    await eventually(lambda: as_awaitable(held.entered == 5))  # all sent, none recorded
+    held.lost = True
+    held.release.set()
+    await crashed.stop(grace=1.0)
+    assert keys(upstream.hits) == ["k0", "k1", "k2", "k3", "k4"]
+    assert (await held.stats(now=time.time()))["hooks"].counts[Status.DELIVERING] == 5  # still leased
+    held.lost = False
+    restarted = deliverer(held, sender(session, lambda: upstream.url), policy(), owner="restarted", lease=1.0)
+    restarted.start()
+    try:
+        await eventually(delivered(held, 5))
+    finally:
+        await restarted.stop(grace=1.0)
+    # At least once, in order: the unrecorded ones again, once the crashed worker's lease ran out.
+    assert keys(upstream.hits) == ["k0", "k1", "k2", "k3", "k4"] * 2
+
+
+async def test_a_message_is_sent_only_while_half_its_lease_is_left(
+    store: SqliteStore, upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    clock = {"now": time.time()}
+    real = sender(session, lambda: upstream.url)
+    lease_left: list[float] = []
+
+    async def slow(message: Message) -> Outcome:
+        record = await store.get(message.id)
+        assert record is not None and record.lease_expires_at is not None
+        lease_left.append(record.lease_expires_at - clock["now"])
+        clock["now"] += 2.0  # each answer takes 2 s of the 10 s lease
+        return await real(message)
+
+    for number in range(6):
+        await accept(store, number, now=clock["now"])
+    loop = Deliverer("hooks", store, Schedule(policy(), clock=lambda: clock["now"]), slow, owner="worker-1",
+                     lease=10.0, poll_interval=0.02)
+    loop.start()
+    try:
+        await eventually(delivered(store, 6))
+    finally:
+        await loop.stop(grace=1.0)
+    assert keys(upstream.hits) == [f"k{number}" for number in range(6)]
+    # Claimed together; the fourth would start with 4 s left: it and the rest were claimed again.
+    assert lease_left == pytest.approx([10.0, 8.0, 6.0, 10.0, 8.0, 6.0])
+
+
+async def as_awaitable(value: bool) -> bool:
+    return value

@@ -6,9 +6,18 @@ breaker is open the loop claims nothing, so waiting spends no attempts.
 
 Concurrency 1 claims the first messages of the line (store `ordered=True`, up to ORDERED_BATCH)
 and sends them one at a time: the upstream sees messages in the order they were accepted. When
-one must wait for a retry, the rest of the batch goes back untouched, behind it. The outcome of a
-delivered message is recorded while the next one is sent, so records share commits. More than 1
-claims up to that many due messages at once, in no particular order.
+one must wait for a retry, the rest of the batch goes back untouched, behind it, and the next
+claims take one message, doubling while they go through (a failing upstream does not make every
+retry claim and release a whole batch). A message is sent only while at least half of its lease
+is left, which covers one attempt: the rest goes back and is claimed again under a fresh lease,
+so no other worker takes a message this one is still sending. More than 1 claims up to that many
+due messages at once, in no particular order.
+
+An outcome is recorded while the next message is sent, across batches too: the store group-commits
+the records (and the next claim) instead of each send waiting for an fsync. That is safe because a
+message stays leased to this worker until its record lands: nobody else can claim it, and a crash
+before the record means it is delivered again after the lease (at least once, never lost). At most
+MAX_UNRECORDED outcomes wait to be recorded; a retry and stop() wait for all of them.
 
 `stop(grace)` lets attempts in flight finish for up to `grace` seconds, then cancels them and gives
 their messages back to the queue (another worker, or the next start, delivers them).
@@ -32,10 +41,12 @@ log = logging.getLogger("sidecar.delivery")
 Send = Callable[[Message], Awaitable[Outcome]]
 # Called after each message's outcome is recorded: metrics (sidecar_deliveries_total) and events.
 OnDecision = Callable[[Message, Decision], None]
-# Messages claimed at once from the head of an ordered line: fewer commits per message. Each is
-# sent only after the one before it was delivered or went dead, so the lease must cover the time
-# of one attempt plus the quick ones before it.
-ORDERED_BATCH = 32
+# Messages claimed at once from the head of an ordered line: one claim's commit per this many
+# deliveries. Each is sent after the one before it was decided, while half its lease is left.
+ORDERED_BATCH = 256
+# Outcomes sent but not yet recorded: the sender waits for the oldest beyond this many (a slow store
+# must not let sent-but-unrecorded messages, each redelivered after a crash, pile up).
+MAX_UNRECORDED = 64
 
 
 def new_owner() -> str:
@@ -62,10 +73,13 @@ class Deliverer:
         self.concurrency = schedule.policy.concurrency
         self._wake = asyncio.Event()
         self._stopping = False
-        # Each task's claimed messages whose outcome is not recorded yet (released on stop).
+        # Each task's claimed messages not sent yet, the one being sent first (released on stop).
         self._in_flight: dict[asyncio.Task[None], list[Message]] = {}
+        # Outcome records under way (each message stays leased to us until its record lands).
+        self._unrecorded: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._next_purge = 0.0
+        self._batch = ORDERED_BATCH  # the next ordered claim's size: 1 after a retry, doubling back
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"deliver {self.route}")
@@ -85,6 +99,9 @@ class Deliverer:
             task.cancel()
         if unfinished:
             await asyncio.wait([task for task, _ in unfinished], timeout=1.0)
+        with contextlib.suppress(TimeoutError):  # a store that hangs: those come back when their lease passes
+            async with asyncio.timeout(max(grace, 1.0)):
+                await self._recorded()
         for _, messages in unfinished:
             for message in messages:
                 with contextlib.suppress(StoreUnavailable):
@@ -113,16 +130,25 @@ class Deliverer:
         if free <= 0 or self.breaker_open():
             return 0
         ordered = self.concurrency == 1
-        messages = await self.store.claim_due(
-            self.route, owner=self.owner, now=self.schedule.clock(), lease=self.lease,
-            limit=ORDERED_BATCH if ordered else free, ordered=ordered,
-        )
+        claimed_at = self.schedule.clock()
+        messages = await self._claim_due(self._batch if ordered else free, ordered, claimed_at)
+        if not messages and ordered and self._unrecorded:
+            # The line may start with messages whose records are still on their way (a store that
+            # does not run calls in order): it is ours until they land, so claim again then.
+            await self._recorded()
+            claimed_at = self.schedule.clock()
+            messages = await self._claim_due(self._batch, ordered, claimed_at)
         batches = [messages] if ordered and messages else [[message] for message in messages]
         for batch in batches:
-            task = asyncio.create_task(self._deliver(batch), name=f"deliver {batch[0].id}")
+            task = asyncio.create_task(self._deliver(batch, claimed_at), name=f"deliver {batch[0].id}")
             self._in_flight[task] = batch
             task.add_done_callback(self._finished)
         return len(messages)
+
+    async def _claim_due(self, limit: int, ordered: bool, now: float) -> list[Message]:
+        return await self.store.claim_due(
+            self.route, owner=self.owner, now=now, lease=self.lease, limit=limit, ordered=ordered,
+        )
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.pop(task, None)
@@ -135,27 +161,49 @@ class Deliverer:
                 await self._wake.wait()
         self._wake.clear()
 
-    async def _deliver(self, batch: list[Message]) -> None:
-        """Send the batch in order; `batch` shrinks as outcomes are decided (stop() releases the rest)."""
-        records: list[asyncio.Task[None]] = []
-        try:
-            while batch:
-                message = batch[0]
-                decision, outcome = await self._attempt(message)
-                records.append(asyncio.create_task(self._record_and_report(message, decision, outcome)))
-                batch.pop(0)
-                if decision.verdict is Verdict.RETRY and batch:
-                    # The head waits for its retry; the others go back untouched, behind it.
-                    await asyncio.gather(*records)
-                    now = self.schedule.clock()
-                    await asyncio.gather(
-                        *(self.store.release(rest.id, owner=self.owner, now=now) for rest in batch),
-                        return_exceptions=True,  # unreleased ones come back when their lease passes
-                    )
-                    batch.clear()
-        finally:
-            if records:
-                await asyncio.wait(records)
+    async def _deliver(self, batch: list[Message], claimed_at: float) -> None:
+        """Send the batch in order; `batch` shrinks as outcomes are decided (stop() releases the rest).
+
+        Returns once the last one is sent: its outcome may still be on its way to the store.
+        """
+        send_before = claimed_at + self.lease / 2  # the other half covers the attempt
+        size = len(batch)
+        while batch:
+            message = batch[0]
+            if self.schedule.clock() > send_before:
+                await self._give_back(batch)  # claimed again at once, under a fresh lease
+                return
+            decision, outcome = await self._attempt(message)
+            record = asyncio.create_task(self._record_and_report(message, decision, outcome))
+            self._unrecorded.add(record)
+            record.add_done_callback(self._unrecorded.discard)
+            batch.pop(0)
+            if decision.verdict is Verdict.RETRY:
+                self._batch = 1
+                # The head waits for its retry; the others go back untouched, behind it.
+                await self._give_back(batch)
+                return
+            while len(self._unrecorded) >= MAX_UNRECORDED:  # each round at least one record lands
+                await asyncio.wait(set(self._unrecorded), return_when=asyncio.FIRST_COMPLETED)
+        if size >= self._batch:
+            self._batch = min(ORDERED_BATCH, 2 * self._batch)
+
+    async def _give_back(self, batch: list[Message]) -> None:
+        """Release the messages not sent yet, after every outcome before them is recorded."""
+        if not batch:
+            return
+        await self._recorded()
+        now = self.schedule.clock()
+        await asyncio.gather(
+            *(self.store.release(rest.id, owner=self.owner, now=now) for rest in batch),
+            return_exceptions=True,  # unreleased ones come back when their lease passes
+        )
+        batch.clear()
+
+    async def _recorded(self) -> None:
+        """Until every outcome sent so far is recorded (or failed to be: then its lease brings it back)."""
+        if self._unrecorded:
+            await asyncio.wait(set(self._unrecorded))
 
     async def _attempt(self, message: Message) -> tuple[Decision, Outcome]:
         if self.schedule.expired(message):
