@@ -108,6 +108,8 @@ class Connection(ResponseHandler):
         waits. The socket is still open while connection_lost runs (the loop closes it after);
         a descriptor that no longer belongs to this transport (-1) is never read.
         """
+        if transport.get_extra_info("sslcontext") is not None:
+            return  # the socket holds TLS records, not HTTP: only the TLS layer could read them
         sock = transport.get_extra_info("socket")
         fd = sock.fileno() if sock is not None else -1
         if fd < 0:
