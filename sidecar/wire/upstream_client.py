@@ -75,9 +75,10 @@ class Connection(ResponseHandler):
 
     head_only: bool | None = None  # None: no parser yet, or one that must not be reused
     in_flight = False  # a request was sent and its response is not complete yet
-    endpoint = ""  # for the counters
-    counters: ConnectionCounters | None = None
-    pool: Pool | None = None  # the pool of its endpoint, told when the endpoint misbehaves
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Pool) -> None:
+        super().__init__(loop)
+        self.pool = pool  # its endpoint's: where it goes back to, told when the endpoint misbehaves
 
     def data_received(self, data: bytes) -> None:
         if data and not self.in_flight:
@@ -89,10 +90,10 @@ class Connection(ResponseHandler):
 
     def misbehaved(self) -> None:
         """Bytes nobody asked for: close this connection, count it, distrust the endpoint."""
-        if self.counters is not None:
-            self.counters.unsolicited(self.endpoint)
-        if self.pool is not None:
-            self.pool.distrust(self._loop.time() + DISTRUST_SECONDS)
+        pool = self.pool
+        if pool.counters is not None:
+            pool.counters.unsolicited(pool.endpoint.base)
+        pool.distrust(self._loop.time() + DISTRUST_SECONDS)
         self.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -160,9 +161,11 @@ class Pool:
     """An endpoint's idle connections, oldest on the left, each with the loop times it expires
     and it became idle."""
 
-    __slots__ = ("distrusted_until", "idle")
+    __slots__ = ("counters", "distrusted_until", "endpoint", "idle")
 
-    def __init__(self) -> None:
+    def __init__(self, endpoint: Endpoint, counters: ConnectionCounters | None) -> None:
+        self.endpoint = endpoint
+        self.counters = counters
         self.idle: deque[tuple[Connection, float, float]] = deque()
         self.distrusted_until = 0.0  # loop time; until then no connection goes back
 
@@ -175,14 +178,11 @@ class Pool:
 class UpstreamResponse:
     """An upstream's response with its headers read and its body still on the wire."""
 
-    __slots__ = (
-        "_chunked", "_client", "_connection", "_endpoint", "_pool", "_sending",
-        "content", "headers", "reason", "status",
-    )
+    __slots__ = ("_chunked", "_client", "_connection", "_sending", "content", "headers", "reason", "status")
 
     def __init__(
         self, message: RawResponseMessage, content: StreamReader, connection: Connection,
-        sending: asyncio.Task[None] | None, client: UpstreamClient, pool: Pool, endpoint: Endpoint,
+        sending: asyncio.Task[None] | None, client: UpstreamClient,
     ) -> None:
         self.status: int = message.code
         self.reason: str = message.reason
@@ -192,8 +192,6 @@ class UpstreamResponse:
         self._connection = connection
         self._sending = sending
         self._client = client
-        self._pool = pool  # where the connection goes back to
-        self._endpoint = endpoint
 
     def release(self) -> None:
         """Done with it: the connection goes back to the pool if the exchange ended cleanly."""
@@ -215,7 +213,7 @@ class UpstreamResponse:
                 # llhttp keeps the last trailer field it saw and hands it to the next message
                 # as a header: a chunked response's parser is never used again.
                 connection.head_only = None
-            self._client.give_back(self._pool, connection, self._endpoint, self.headers)
+            self._client.give_back(connection, self.headers)
 
     def detach(self) -> Connection:
         """Hand the connection over for good (a WebSocket tunnel after `101`): never pooled again."""
@@ -249,12 +247,11 @@ class UpstreamClient:
         head = _request_head(method, endpoint.path + target, headers, body)
         pool = self._idle.get(endpoint)
         if pool is None:
-            pool = self._idle[endpoint] = Pool()
+            pool = self._idle[endpoint] = Pool(endpoint, self._counters)
         connection = self._pooled(pool)  # not `or`: a Connection is a queue, falsy when empty
         reused = connection is not None
         if connection is None:
-            connection = await self._connect(endpoint, connect_timeout)
-            connection.pool = pool
+            connection = await self._connect(pool, connect_timeout)
         connection.in_flight = True
         head_only = method == "HEAD"
         if connection.head_only is not head_only:
@@ -285,13 +282,12 @@ class UpstreamClient:
             if reused and isinstance(exc, UpstreamReset) and self._counters is not None:
                 self._counters.stale(endpoint.base)
             raise
-        return UpstreamResponse(message, payload, connection, sending, self, pool, endpoint)
+        return UpstreamResponse(message, payload, connection, sending, self)
 
-    def give_back(
-        self, pool: Pool, connection: Connection, endpoint: Endpoint, headers: CIMultiDictProxy[str]
-    ) -> None:
+    def give_back(self, connection: Connection, headers: CIMultiDictProxy[str]) -> None:
         """A connection whose exchange ended exactly, ready for the next request."""
-        idle_for = endpoint.keepalive
+        pool = connection.pool
+        idle_for = pool.endpoint.keepalive
         if (says := headers.get("Keep-Alive")) is not None:
             idle_for = min(idle_for, _keep_alive_limit(says))
         now = self._loop.time()
@@ -337,10 +333,9 @@ class UpstreamClient:
                 return connection
         return None
 
-    async def _connect(self, endpoint: Endpoint, within: float) -> Connection:
-        connection = Connection(self._loop)
-        connection.endpoint = endpoint.base
-        connection.counters = self._counters
+    async def _connect(self, pool: Pool, within: float) -> Connection:
+        endpoint = pool.endpoint
+        connection = Connection(self._loop, pool)
         tls = self._tls_context() if endpoint.tls else None
         try:
             async with asyncio.timeout(within):
