@@ -36,13 +36,10 @@ class RelayedResponse(web.StreamResponse):
       path (aiohttp's writer drops them).
     """
 
-    def __init__(self, status: int, reason: str, typed: bool) -> None:
-        super().__init__(status=status, reason=reason)
-        self._typed = typed  # whether the upstream sent a Content-Type
-
     async def _prepare_headers(self) -> None:
+        typed = hdrs.CONTENT_TYPE in self.headers  # the upstream's headers are all in by now
         await super()._prepare_headers()
-        if not self._typed:
+        if not typed:
             self.headers.popall(hdrs.CONTENT_TYPE, None)
 
     async def _write_headers(self) -> None:
@@ -153,7 +150,7 @@ async def relay(
             return sent
     kind = HeldHeadResponse if content.total_bytes else RelayedResponse
     # Headers go straight into the response's own: passing them in would copy them again.
-    response = kind(upstream.status, upstream.reason, hdrs.CONTENT_TYPE in upstream.headers)
+    response = kind(status=upstream.status, reason=upstream.reason)
     add_downstream_response_headers(response.headers, upstream.headers, request_id)
     response.headers.update(extra)
     if not keep_alive:
