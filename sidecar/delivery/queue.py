@@ -9,7 +9,6 @@ replaces them).
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import time
 from collections.abc import Callable
 
@@ -20,6 +19,7 @@ from sidecar.config.delivery import RouteDelivery
 from sidecar.delivery import store as stores
 from sidecar.delivery.model import Message, Outcome, new_id, new_message
 from sidecar.errors import BadRequest, CircuitOpen, PayloadTooLarge, QueueFull, QueueUnavailable, SidecarError
+from sidecar.policy.retry import retry_after_seconds
 from sidecar.proxy.call import Call, Handler
 from sidecar.telemetry.events import EventBus
 from sidecar.telemetry.metrics import DeliveryMetrics
@@ -138,18 +138,6 @@ class RouteQueue:
                 response.release()
         finally:
             call.complete()  # frees the route's concurrency slot
-        return Outcome(status=response.status, retry_after=retry_after(response.headers.get("Retry-After")))
+        after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
+        return Outcome(status=response.status, retry_after=after)
 
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value[:12])
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

@@ -99,7 +99,7 @@ def retry_after_seconds(value: str | None, wall_now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit() alone also takes "²", which float() refuses
         return float(value)
     try:
         moment = parsedate_to_datetime(value)
