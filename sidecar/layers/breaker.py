@@ -121,6 +121,11 @@ class RouteBreaker:
             "recent_failures": list(self.recent_failures),
         }
 
+    def refusing(self) -> bool:
+        """Whether a call now would be refused without reaching the upstream: forced open, or open
+        and not yet due for its probe (the state reads open until a call turns it half-open)."""
+        return self.forced == "open" or (self.state == "open" and self.seconds_until_probe() > 0)
+
     def seconds_until_probe(self) -> float:
         if self._opened_at is None:
             return 0.0

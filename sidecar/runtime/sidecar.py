@@ -183,13 +183,7 @@ class Sidecar:
         assert self._client is not None
         once = dataclasses.replace(spec, retries=msgspec.structs.replace(spec.retries, attempts=1))
         breaker = state.breaker
-
-        def breaker_open() -> bool:
-            # Forced open, or open and not yet due for a probe (pybreaker turns half-open lazily,
-            # on the next call: the deliverer's attempt is that call).
-            return breaker is not None and (
-                breaker.forced == "open" or (breaker.state == "open" and breaker.seconds_until_probe() > 0))
-
+        breaker_open = breaker.refusing if breaker is not None else (lambda: False)
         return self.delivery.queue(spec.name, spec.delivery, route_stack(once, self._client, state), breaker_open,
                                    spec.timeouts.idle)
 
