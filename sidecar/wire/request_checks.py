@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from sidecar.config.schema import Server
@@ -28,22 +30,30 @@ _HTTP11 = (1, 1)
 
 def refusal(request: web.BaseRequest, raw_path: str, limits: Server) -> CallerError | None:
     """The error to answer instead of routing `request`, or None when it may be routed."""
-    if request.method == "CONNECT":
+    return refusal_of(request.method, raw_path, request.version, request.headers, request.body_exists, limits)
+
+
+def refusal_of(
+    method: str, raw_path: str, version: tuple[int, int], headers: Mapping[str, str], body_exists: bool,
+    limits: Server,
+) -> CallerError | None:
+    """`refusal` on a request's parts: for a request answered before it became aiohttp's request."""
+    if method == "CONNECT":
         return MethodNotAllowed("CONNECT is not supported: the sidecar forwards only to configured upstreams")
     if not raw_path.startswith("/"):
         return BadRequest("only origin-form request targets (/path) are accepted; this is not a forward proxy")
-    if len(request.method) + len(raw_path) + 11 > limits.max_request_line:  # " HTTP/1.1\r\n"
+    if len(method) + len(raw_path) + 11 > limits.max_request_line:  # " HTTP/1.1\r\n"
         return UriTooLong(f"the request line is longer than {limits.max_request_line} bytes")
-    if request.version < _HTTP11 and "Transfer-Encoding" in request.headers:
+    if version < _HTTP11 and "Transfer-Encoding" in headers:
         return BadRequest("HTTP/1.0 requests cannot use Transfer-Encoding")
     # The parser frames any Transfer-Encoding that ends in chunked; only a body can have one.
-    if request.body_exists and request.headers.get("Transfer-Encoding", "chunked").lower() != "chunked":
+    if body_exists and headers.get("Transfer-Encoding", "chunked").lower() != "chunked":
         return NotImplementedCoding("Transfer-Encoding other than chunked is not supported")
     if has_dot_segment(raw_path):
         return BadRequest("the path has a . or .. segment (or one a server would read as such); send it normalised")
     if limits.escaped_slashes == "reject" and has_escaped_slash(raw_path):
         return BadRequest("the path has an encoded slash (%2F or %5C), refused by server.escaped_slashes")
-    if limits.underscore_headers == "reject" and (name := underscored_name(request)) is not None:
+    if limits.underscore_headers == "reject" and (name := underscored_name(headers)) is not None:
         return BadRequest(f"the header name {name!r} has an underscore, refused by server.underscore_headers")
     return None
 
@@ -65,5 +75,5 @@ def has_escaped_slash(raw_path: str) -> bool:
     return "%" in path and ("%2f" in (lower := path.lower()) or "%5c" in lower)
 
 
-def underscored_name(request: web.BaseRequest) -> str | None:
-    return next((name for name in request.headers if "_" in name), None)
+def underscored_name(headers: Mapping[str, str]) -> str | None:
+    return next((name for name in headers if "_" in name), None)
