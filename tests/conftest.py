@@ -34,6 +34,20 @@ from tests.realservers import (
     RequestsCaller,
 )
 
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked `both_loops` run once on asyncio's loop and once on uvloop's (`sidecar run
+    --loop uvloop`): code that touches transports directly must work with either (uvloop's
+    transports are not asyncio.Transport subclasses). The rest run on asyncio's, as before."""
+    if item.get_closest_marker("both_loops") is None:
+        return {"asyncio": asyncio.new_event_loop}  # one factory: the test id stays as it was
+    import uvloop
+
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
 Behaviour = Callable[[web.BaseRequest, "Hit"], Awaitable[web.StreamResponse]]
 RawBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -148,6 +162,12 @@ class RunningSidecar:
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+    def client_connections(self) -> int:
+        """Client connections open on the main listener, as its server counts them."""
+        server = self.sidecar._listeners[self.sidecar.config.listen].runner.server
+        assert server is not None
+        return len(server.connections)
 
 
 SidecarFactory = Callable[..., Awaitable[RunningSidecar]]

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from tests.conftest import SidecarFactory, Upstream, raw_exchange, route_yaml
+from tests.conftest import SidecarFactory, Upstream, raw_exchange, route_yaml, wait_until
 
 SMUGGLING = {
     "content-length-and-transfer-encoding":
@@ -125,17 +125,19 @@ async def test_slow_header_senders_are_closed_while_fast_clients_are_served(
         writer.close()
 
 
+@pytest.mark.both_loops  # the refusal is written to the transport directly
 async def test_connections_over_the_cap_get_503_and_are_closed(
     sidecar_factory: SidecarFactory, upstream: Upstream
 ) -> None:
     proxy = await sidecar_factory("server: {listen_max_connections: 5}\n" + route_yaml(upstream.url))
     held = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(5)]
+    await wait_until(lambda: proxy.client_connections() == 5)
     answer = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 503 ") and b"x-sidecar-error: overloaded" in answer
     for _, writer in held:
         writer.close()
         await writer.wait_closed()
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: proxy.client_connections() == 0)
     ok = await raw_exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200 ")
 

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
@@ -81,10 +81,10 @@ class GuardedHandler(RequestHandler):
         manager = self._manager
         assert isinstance(manager, GuardedServer)
         if len(manager.connections) > self._limits.listen_max_connections:
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(raw_refusal(Overloaded("the sidecar has too many client connections", "connections")))
+            stream = cast(asyncio.Transport, transport)  # uvloop's is one, without subclassing it
+            stream.write(raw_refusal(Overloaded("the sidecar has too many client connections", "connections")))
             self.force_close()
-            transport.close()
+            stream.close()
             return
         self._start_header_timer()
 
