@@ -41,6 +41,7 @@ from sidecar.cache.policy import (
 from sidecar.cache.rules import (
     LOOKUP_METHODS,
     Defaults,
+    Fields,
     Headers,
     caller_conditional_matches,
     freshness,
@@ -58,10 +59,13 @@ from sidecar.cache.store import Entry, Store
 from sidecar.config.cache import Cache
 from sidecar.errors import SidecarError, UpstreamReset, UpstreamTimeout
 from sidecar.proxy.call import Call, Handler, Layer, Response, passthrough
-from sidecar.wire.answer import complete_content
+from sidecar.wire.answer import PreparedHead, complete_content, prepare_head
+from sidecar.wire.headers import same_upstream
 
 log = logging.getLogger("sidecar.cache")
 CONDITIONAL_FIELDS = ("If-None-Match", "If-Modified-Since")
+# Request fields that make a fresh hit more than its entry (RouteCache.early_hit).
+_LEFT_TO_THE_STACK = ("Cache-Control", "Pragma", *CONDITIONAL_FIELDS)
 
 
 class StoredResponse:
@@ -146,6 +150,26 @@ class RouteCache:
             self.counted(Label.BYPASS)
             call.cache_label = Label.BYPASS
         return call.cache_label
+
+    def early_hit(self, target: str, headers: Headers) -> tuple[Entry, int] | None:
+        """The entry that answers a plain GET of `target` fresh, and its Age in whole seconds,
+        when the answer needs nothing but the entry and the caller's id (proxy/early.py writes
+        it before aiohttp makes a request of it): decide() says SERVE and the entry has a
+        prepared head. None otherwise, and the request takes the stack, where everything else
+        is decided: a request that says anything about caching (Cache-Control, Pragma) or has
+        a conditional of its own is left to it at once. Not counted: the caller counts the HIT
+        once it has answered."""
+        if target not in self.store or any(name in headers for name in _LEFT_TO_THE_STACK):
+            return None
+        entries = self.store.variants(target)
+        if not entries:
+            return None
+        now = self.clock()
+        decision = decide("GET", headers, entries, now)
+        entry = decision.entry
+        if decision.action is not Action.SERVE or entry is None or entry.head is None:
+            return None
+        return entry, int(entry.freshness.age(now))
 
     def counted(self, label: Label) -> None:
         self.results[label] += 1
@@ -324,6 +348,7 @@ class _CachedHandler:
             response.status, response.reason, fields, body, request_time, response_time,
             variant_key(vary, request_headers), vary,
             freshness(response.headers, request_time, response_time, self.cache.defaults),
+            _early_head(response.status, response.reason, fields, body, vary),
         )
 
     def refreshed(self, entry: Entry, not_modified: Headers, request_headers: Headers, request_time: float,
@@ -336,6 +361,7 @@ class _CachedHandler:
             entry.status, entry.reason, fields, entry.body, request_time, response_time,
             variant_key(vary, request_headers), vary,
             freshness(headers, request_time, response_time, self.cache.defaults),
+            _early_head(entry.status, entry.reason, fields, entry.body, vary),
         )
 
     def refresh_in_background(self, call: Call, decision: Decision) -> None:
@@ -366,6 +392,20 @@ class _CachedHandler:
         finally:
             for complete in call.on_complete:
                 complete()
+
+
+def _early_head(status: int, reason: str, fields: Fields, body: bytes, vary: tuple[str, ...]) -> PreparedHead | None:
+    """The head a fresh hit on this entry sends, encoded now, when such a hit may be answered
+    early (RouteCache.early_hit): a body framed by its Content-Length (the answer that
+    wire/whole_response.py writes in one go; HEAD, 204 and the rest take the usual path), and a
+    Vary only on fields the upstream sees as the caller sent them, so the caller's own headers
+    select the same variant. Age is each answer's own."""
+    if not body or any(not same_upstream(name) for name in vary):
+        return None
+    lengths = [value for name, value in fields if name.lower() == "content-length"]
+    if lengths[:1] != [str(len(body))]:
+        return None
+    return prepare_head(status, reason, ((name, value) for name, value in fields if name.lower() != "age"))
 
 
 def _take_conditions(headers: CIMultiDict[str]) -> CIMultiDict[str]:

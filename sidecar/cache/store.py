@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.cache.rules import Fields, Freshness
+from sidecar.wire.answer import PreparedHead
 
 # The record, its Freshness (floats, validators), the map slots and the key tuple. With
 # tracemalloc on CPython 3.11, 20,000 entries of five distinct header lines and a 100-byte
@@ -37,6 +38,9 @@ class Entry:
     variant: str  # the secondary key (rules.variant_key) of the request that fetched it
     vary: tuple[str, ...]  # the field names its Vary nominates (rules.vary_names)
     freshness: Freshness
+    # Its head as a fresh hit sends it, encoded once (without Age): None when such an answer
+    # must take the usual path (see RouteCache.early_hit).
+    head: PreparedHead | None = field(default=None, compare=False)
     size: int = field(default=0, compare=False)  # filled in by `measured`
 
 
@@ -48,9 +52,11 @@ def measured(entry: Entry, key: str) -> Entry:
         size += sys.getsizeof((name, value)) + sys.getsizeof(name) + sys.getsizeof(value)
     for name in entry.vary:
         size += sys.getsizeof(name)
+    if entry.head is not None:
+        size += sys.getsizeof(entry.head) + sys.getsizeof(entry.head.lines)
     return Entry(
         entry.status, entry.reason, entry.headers, entry.body, entry.request_time, entry.response_time,
-        entry.variant, entry.vary, entry.freshness, size,
+        entry.variant, entry.vary, entry.freshness, entry.head, size,
     )
 
 
@@ -68,6 +74,10 @@ class Store:
 
     def __len__(self) -> int:
         return len(self._lru)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether anything is stored under `key` (however usable); marks nothing used."""
+        return key in self._variants
 
     def items(self) -> list[tuple[str, Entry]]:
         """Every (key, entry), least recently used first, without marking any used."""

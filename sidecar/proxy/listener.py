@@ -55,6 +55,7 @@ class RouteTable:
 
     def __init__(self, routes: list[ActiveRoute]) -> None:
         self._routes = sorted(routes, key=lambda r: (len(r.spec.path_prefix), r.spec.host is not None), reverse=True)
+        self.caches = any(route.state.cache is not None for route in routes)
 
     def match(self, host_header: str, raw_path: str) -> ActiveRoute | None:
         host = None
@@ -140,10 +141,10 @@ class Listener:
     def __init__(
         self, routes: list[ActiveRoute], unmatched: RouteMetrics, access_log: AccessLog, limits: Server
     ) -> None:
-        self._table = RouteTable(routes)
+        self.table = RouteTable(routes)
         self.limits = limits
         self._unmatched = unmatched
-        self._access_log = access_log
+        self.access_log = access_log
         self._loop = asyncio.get_running_loop()
         # While draining, every answer says Connection: close, so callers stop reusing
         # connections before the listener stops accepting.
@@ -152,7 +153,12 @@ class Listener:
 
     def update(self, routes: list[ActiveRoute]) -> None:
         """Swap in a reloaded route table at once; requests in flight finish on the one they matched."""
-        self._table = RouteTable(routes)
+        self.table = RouteTable(routes)
+
+    @property
+    def caches(self) -> bool:
+        """Whether any of its routes has a cache (proxy/early.py answers fresh hits early then)."""
+        return self.table.caches
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Admit, match, run the route's stack, answer; the exchange is recorded once at the end."""
@@ -160,7 +166,7 @@ class Listener:
         refused = refusal(request, exchange.path, self.limits)
         # The Host header as sent: when it is missing (HTTP/1.0), aiohttp's request.host
         # falls back to our own listening address, which a host route could match.
-        route = self._table.match(request.headers.get("Host", ""), exchange.path) if refused is None else None
+        route = self.table.match(request.headers.get("Host", ""), exchange.path) if refused is None else None
         if route is None:
             return self._unrouted(request, exchange, refused)
         metrics = route.state.metrics
@@ -177,12 +183,12 @@ class Listener:
             metrics.ended()
             exchange.duration = self._loop.time() - exchange.started
             metrics.answered(exchange.method, exchange.status, exchange.duration)
-            if self._access_log.enabled:  # the rest is for its line only: not paid with the log off
+            if self.access_log.enabled:  # the rest is for its line only: not paid with the log off
                 exchange.upstream_seconds, exchange.attempts = call.upstream_seconds, call.attempts
                 exchange.endpoint = call.endpoint.base if call.endpoint else None
                 breaker = route.state.breaker
                 exchange.breaker = breaker.state if breaker else None
-                self._access_log.record(exchange)
+                self.access_log.record(exchange)
 
     def _unrouted(self, request: web.BaseRequest, exchange: Exchange, refused: SidecarError | None) -> web.Response:
         """A request refused by the request checks, or matching no route: never forwarded."""
@@ -190,8 +196,8 @@ class Listener:
         exchange.status, exchange.error = error.status, error.kind
         exchange.duration = self._loop.time() - exchange.started
         self._unmatched.answered(exchange.method, exchange.status, exchange.duration)
-        if self._access_log.enabled:
-            self._access_log.record(exchange)
+        if self.access_log.enabled:
+            self.access_log.record(exchange)
         unrouted = error_response(error, None, exchange.request_id)
         if self.draining or refused is not None:
             unrouted.force_close()  # a refused request's framing or intent is in doubt

@@ -11,6 +11,11 @@ Every policy a request meets, in order:
 
 Admission runs before any layer because nothing it refuses should cost a concurrency slot or a
 retry budget. A disabled policy is a passthrough, so every route's stack has the same shape.
+
+One shortcut, on listeners with a cached route only: a plain GET that is a fresh hit is
+answered as soon as it is parsed (proxy/early.py), after the same request checks, route match
+and cache decision as above, and before admission builds anything; the rest of the list has
+nothing to do for it. Whatever it declines comes down this list as usual.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from sidecar.delivery.queue import RouteQueue
 from sidecar.delivery.service import DeliveryService, lease_for
 from sidecar.delivery.store import StoreError
 from sidecar.errors import ReloadError
+from sidecar.proxy.early import EarlyAnswers
 from sidecar.proxy.endpoints import EndpointPool
 from sidecar.proxy.listener import ActiveRoute, Listener
 from sidecar.proxy.stack import RouteState, new_route_state, route_stack
@@ -224,6 +225,7 @@ class Sidecar:
             # its slot and connection are freed, and the breaker counts nothing.
             handler_cancellation=True,
         )
+        server.early_answer = EarlyAnswers(listener) if listener.caches else None
         runner = web.ServerRunner(server, shutdown_timeout=config.shutdown.timeout)
         await runner.setup()
         try:
@@ -282,6 +284,7 @@ class Sidecar:
                 open_.listener.limits = config.server  # checks per request; parser sizes need a restart
                 if isinstance(guarded := open_.runner.server, GuardedServer):
                     guarded.limits = config.server  # new connections, and server.underscore_headers at once
+                    guarded.early_answer = EarlyAnswers(open_.listener) if open_.listener.caches else None
             self._listeners.update(opened)
             self._pools = pools
             self._caches_replaced(previous, routes)

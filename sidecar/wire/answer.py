@@ -1,15 +1,22 @@
 """What the wire can send back to a caller: any response with these members (the upstream
 client's, or one a room makes, such as a cache hit). Structurally the same as proxy/call.py's
-`Response`, so the wire never imports the proxy."""
+`Response`, so the wire never imports the proxy.
+
+And a stored answer's head, encoded once (`PreparedHead`): what lets a fresh cache hit be
+written before aiohttp builds a request for it (server_protocol.py's early answers)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDictProxy
+
+from sidecar.wire.headers import encode_head
 
 
 class Relayable(Protocol):
@@ -32,3 +39,28 @@ def complete_content(body: bytes) -> StreamReader:
         content.feed_data(body)
     content.feed_eof()
     return content
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedHead:
+    """The part of a stored answer's head that is the same for every caller, as bytes: the
+    status line and the stored header lines. Each answer appends its own lines (Age, the
+    request id, Date and Server where the stored ones have none): whole_response.early_answer."""
+
+    lines: bytes
+    has_date: bool
+    has_server: bool
+
+
+def prepare_head(status: int, reason: str, fields: Iterable[tuple[str, str]]) -> PreparedHead | None:
+    """The status line and `fields`, encoded as whole_response.py and relay.py would send them;
+    None when a value holds a line break (those answers take the usual path, which refuses it)."""
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    has_date = has_server = False
+    for name, value in fields:
+        lines.append(f"{name}: {value}\r\n")
+        lower = name.lower()
+        has_date = has_date or lower == "date"
+        has_server = has_server or lower == "server"
+    encoded = encode_head(lines)
+    return None if encoded is None else PreparedHead(encoded, has_date, has_server)

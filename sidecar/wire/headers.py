@@ -95,6 +95,19 @@ def add_downstream_response_headers(out: CIMultiDict[str], upstream: CIMultiDict
         out[REQUEST_ID] = request_id
 
 
+# Request fields whose value the upstream sees differently from the caller's, or not at all
+# (upstream_request_headers): the ones above, plus what the forward step sets.
+_REWRITTEN_UPSTREAM = HOP_BY_HOP | {
+    "host", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", REQUEST_ID.lower(),
+}
+
+
+def same_upstream(name: str) -> bool:
+    """Whether the upstream sees the caller's own value of the request field `name` (lower case):
+    a response that varies only on such fields can be matched against the caller's headers."""
+    return name not in _REWRITTEN_UPSTREAM and not name.startswith(("proxy-", "x-sidecar-"))
+
+
 def request_id_of(incoming: CIMultiDictProxy[str]) -> str:
     # 128 random bits as 32 hex digits, like uuid4().hex. An id correlates logs, it guards
     # nothing, so it comes from the fast in-process generator rather than a getrandom(2)

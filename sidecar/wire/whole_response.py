@@ -15,6 +15,9 @@ The head is the one relay.py's response writes, in its order: the upstream's end
 headers, X-Request-Id and our x-sidecar-* headers, then Date and Server where the upstream
 sent none, then Connection: close when this answer ends the connection. No Content-Type is
 invented: a proxy passes representation metadata, it does not add it.
+
+`early_answer` builds the same bytes for a stored answer from its `PreparedHead`, for a
+fresh cache hit written before aiohttp makes a request of it (server_protocol.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 
-from sidecar.wire.answer import Relayable
+from sidecar.wire.answer import PreparedHead, Relayable
 from sidecar.wire.headers import HOP_BY_HOP, REQUEST_ID, downstream_fields, dropped_names, encode_head
 
 
@@ -81,3 +84,20 @@ def send_whole(
     transport.write(head + content.read_nowait())
     upstream.release()
     return SentResponse(upstream.status, keep_alive)
+
+
+_SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n"
+
+
+def early_answer(head: PreparedHead, lines: list[str], body: bytes) -> bytes | None:
+    """A whole keep-alive answer: `head`, then `lines` (each "name: value\\r\\n", in the order
+    send_whole would write them: the answer's own fields, X-Request-Id, the x-sidecar-* ones),
+    then Date and Server where `head` has none, as send_whole adds them. None when a line holds
+    a line break of its own (the request id is the caller's)."""
+    if not head.has_date:
+        lines.append(f"Date: {rfc822_formatted_time()}\r\n")
+    if not head.has_server:
+        lines.append(_SERVER_LINE)
+    lines.append("\r\n")
+    tail = encode_head(lines)
+    return None if tail is None else b"".join((head.lines, tail, body))
