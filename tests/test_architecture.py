@@ -36,7 +36,7 @@ NARROW: dict[str, dict[str, set[str]]] = {
     # Layers and rooms see a Call and a Response, never the proxy's listener or the client.
     "layers": {"proxy": {"sidecar.proxy.call"}},
     "cache": {"proxy": {"sidecar.proxy.call"}, "wire": {"sidecar.wire.headers", "sidecar.wire.answer"}},
-    "delivery": {"proxy": {"sidecar.proxy.call"}, "wire": {"sidecar.wire.headers"}},
+    "delivery": {"proxy": {"sidecar.proxy.call"}, "wire": {"sidecar.wire.headers", "sidecar.wire.answer"}},
     # Telemetry folds tallies into prometheus-client through the wire's one module for that.
     "telemetry": {"wire": {"sidecar.wire.tallies"}},
 }

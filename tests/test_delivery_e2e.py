@@ -224,3 +224,28 @@ async def test_admin_api_shows_retries_and_deletes_a_message(
     assert (await admin_json(client, url))[0] == 404
     assert (await admin_json(client, f"{sidecar.admin}/api/v1/deliveries?status=nope"))[0] == 400
     assert (await admin_json(client, f"{sidecar.admin}/api/v1/deliveries/redrive?route=nope", "POST"))[0] == 404
+
+
+async def test_an_answer_whose_body_breaks_off_is_judged_by_its_status(
+    sidecar_factory: SidecarFactory, raw_upstream: Callable[[Any], Awaitable[int]], client: aiohttp.ClientSession
+) -> None:
+    """The deliverer drops the answer's body; one that breaks off (or stalls) costs the
+    connection, not the outcome: a 200 is delivered, a 503 retried, and nothing is raised."""
+    answers = [b"HTTP/1.1 503 Busy\r\nContent-Length: 1000\r\n\r\npartial",
+               b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial"]
+    requests = []
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        requests.append(await reader.readexactly(length))
+        writer.write(answers[min(len(requests), len(answers)) - 1])
+        await writer.drain()  # then close mid-body
+
+    port = await raw_upstream(respond)
+    sidecar = await sidecar_factory(queued(f"http://127.0.0.1:{port}"))
+    status, body, _ = await post(client, sidecar.url + "/hook", b"one write")
+    assert status == 202
+    seen = await until_status(client, sidecar, body["id"], "delivered")
+    assert (seen["attempts"], seen["last_status"]) == (2, 200)
+    assert requests == [b"one write", b"one write"]

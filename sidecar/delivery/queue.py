@@ -8,11 +8,10 @@ replaces them).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
-from aiohttp import ClientError, web
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config.delivery import RouteDelivery
@@ -23,6 +22,7 @@ from sidecar.policy.retry import retry_after_seconds
 from sidecar.proxy.call import Call, Handler
 from sidecar.telemetry.events import EventBus
 from sidecar.telemetry.metrics import DeliveryMetrics
+from sidecar.wire.answer import drain
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
 # Where a message's status is, relative to the admin listener.
@@ -127,15 +127,8 @@ class RouteQueue:
                 return Outcome(error=error.kind, retry_after=float(error.retry_after))
             except SidecarError as error:
                 return Outcome(error=error.kind)
-            try:  # read and dropped (the connection goes back to the pool), silent at most `idle` at a time
-                while True:
-                    async with asyncio.timeout(self.idle):
-                        if not await response.content.readany():
-                            break
-            except (TimeoutError, OSError, ClientError, SidecarError):  # cut short or stalled: the status decides
-                response.close()
-            else:
-                response.release()
+            # Read and dropped, whole or not: the status decides the outcome either way.
+            await drain(response, self.idle)
         finally:
             call.complete()  # frees the route's concurrency slot
         after = retry_after_seconds(response.headers.get("Retry-After"), time.time())

@@ -12,10 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import StreamReader
+from aiohttp import ClientError, StreamReader
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDictProxy
 
+from sidecar.errors import SidecarError
 from sidecar.wire.headers import encode_head
 
 
@@ -39,6 +40,23 @@ def complete_content(body: bytes) -> StreamReader:
         content.feed_data(body)
     content.feed_eof()
     return content
+
+
+async def drain(response: Relayable, idle: float) -> bool:
+    """Read `response`'s body to its end and drop it, silent at most `idle` seconds at a time.
+    True when it ended (the connection goes back to the pool); False when it broke off or
+    stalled (the connection is closed). What broke it (aiohttp's payload errors, a reset, a
+    timeout) stays here: the caller only needs to know whether the answer was whole."""
+    try:
+        while True:
+            async with asyncio.timeout(idle):
+                if not await response.content.readany():
+                    break
+    except (TimeoutError, OSError, ClientError, SidecarError):
+        response.close()
+        return False
+    response.release()
+    return True
 
 
 @dataclass(frozen=True, slots=True)
