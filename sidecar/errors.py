@@ -10,6 +10,9 @@
     |   +-- HeaderTooLarge         431 header_too_large: a header over server.max_header_size, or too many
     |   +-- RequestBodyTimeout     408 request_timeout: the body went silent (server.body_timeout, or idle)
     |   +-- CallerGone             499 caller_gone: the caller hung up mid-body (nobody reads this answer)
+    |   +-- CallerTooSlow          caller_too_slow: took nothing of an answer for server.send_timeout and was
+    |                              cut off (never an answer: the access log's `error` on the line of one
+    |                              whose head had gone out, as caller_gone, timeout and upstream_reset are)
     |   +-- NotImplementedCoding   501 not_implemented: a transfer coding other than chunked
     |   +-- HttpVersionNotSupported  505 http_version_not_supported: a request line other than HTTP/1.0 or 1.1
     +-- Shed                       refused to protect the upstream or the route; never retried
@@ -91,6 +94,11 @@ class RequestBodyTimeout(CallerError):
 class CallerGone(CallerError):
     kind = "caller_gone"
     status = 499
+
+
+class CallerTooSlow(CallerError):
+    kind = "caller_too_slow"
+    status = 408  # never sent: the answer's own status had gone out (see the tree above)
 
 
 class NotImplementedCoding(CallerError):

@@ -247,6 +247,8 @@ async def test_a_reader_that_takes_nothing_for_send_timeout_is_disconnected(
     received = await read_to_end(reader)  # what the kernels held, then the end
     assert received.startswith(b"HTTP/1.1 200 ")
     assert len(received) < len(BIG)  # cut off: the rest was dropped, not kept for the caller
+    (cut_off,) = [line for line in proxy.access_log() if line["path"] == "/big"]
+    assert (cut_off["status"], cut_off["error"]) == (200, "caller_too_slow")  # the head it got; why no more
     await served_normally(client, proxy, 1)
 
 

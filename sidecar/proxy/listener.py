@@ -250,10 +250,11 @@ class Listener:
         # upstream never read) is relayed as it is, and the caller's connection closes after
         # it: the rest of that body is not worth reading.
         keep_alive = not self.draining and (call.body is None or request.content.is_eof())
-        return await relay(
+        response, exchange.error = await relay(
             request, upstream, exchange.request_id, spec.timeouts.idle, attempt_headers(call), keep_alive,
             call.complete, self.limits,
         )
+        return response
 
     def _refused(
         self, request: web.BaseRequest, route: ActiveRoute, call: Call, exchange: Exchange, error: SidecarError

@@ -19,6 +19,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_writer import StreamWriter
 
 from sidecar.config.schema import Server
+from sidecar.errors import CallerGone, CallerTooSlow, UpstreamReset, UpstreamTimeout
 from sidecar.wire.answer import Relayable
 from sidecar.wire.headers import add_downstream_response_headers, encode_head
 from sidecar.wire.whole_response import send_whole
@@ -86,14 +87,22 @@ def _set_high_water(request: web.BaseRequest, high: int) -> None:
         transport.set_write_buffer_limits(high=min(high, NEVER_PAUSE))
 
 
-async def _drained_to(transport: asyncio.Transport, writer: StreamWriter, target: int, send_timeout: float) -> bool:
+# Why an answer whose head had gone out did not reach the caller whole: the access log's
+# `error` for it (errors.py lists the kinds). The caller saw the status; this says the rest.
+CALLER_GONE = CallerGone.kind  # it hung up, or its connection failed
+CALLER_TOO_SLOW = CallerTooSlow.kind  # it took nothing for server.send_timeout and was cut off
+
+
+async def _drained_to(
+    transport: asyncio.Transport, writer: StreamWriter, target: int, send_timeout: float
+) -> str | None:
     """Wait until at most `target` bytes of ours wait for the caller. A caller that takes
-    nothing for `send_timeout` is disconnected; False then, or when it left."""
+    nothing for `send_timeout` is disconnected. None once drained; else why not."""
     if transport.is_closing():
-        return False
+        return CALLER_GONE
     left = transport.get_write_buffer_size()
     if left <= target:
-        return True
+        return None
     low, high = transport.get_write_buffer_limits()
     try:
         while left > target:  # bounded: each round is a byte or more taken, or the end
@@ -106,48 +115,51 @@ async def _drained_to(transport: asyncio.Transport, writer: StreamWriter, target
             except TimeoutError:
                 log.debug("a caller took nothing for %gs: disconnected", send_timeout)
                 transport.abort()
-                return False
+                return CALLER_TOO_SLOW
             except OSError:  # the caller left
-                return False
+                return CALLER_GONE
             if transport.is_closing():
-                return False
+                return CALLER_GONE
             left = transport.get_write_buffer_size()
-        return True
+        return None
     finally:
         if not transport.is_closing():
             transport.set_write_buffer_limits(high=high, low=low)
 
 
-async def _handed_over(request: web.BaseRequest, finished: Callable[[], None], server: Server) -> None:
+async def _handed_over(request: web.BaseRequest, finished: Callable[[], None], server: Server) -> str | None:
     """The upstream is done and released, and the whole answer is with the transport: free the
-    slot once at most `response_buffer` bytes wait here, then see the caller take the rest."""
+    slot once at most `response_buffer` bytes wait here, then see the caller take the rest.
+    None when it did; else why not (the slot is freed by the proxy then)."""
     transport = request.transport
     if transport is None or not transport.get_write_buffer_size():
         finished()  # the kernel took it all: the common case costs no wait
-        return
+        return None
     writer = cast(StreamWriter, request.writer)
-    if await _drained_to(transport, writer, server.response_buffer, server.send_timeout):
+    if (cut_short := await _drained_to(transport, writer, server.response_buffer, server.send_timeout)) is None:
         finished()
-        await _drained_to(transport, writer, 0, server.send_timeout)
+        cut_short = await _drained_to(transport, writer, 0, server.send_timeout)
+    return cut_short
 
 
 async def relay(
     request: web.BaseRequest, upstream: Relayable, request_id: str, idle: float, extra: dict[str, str],
     keep_alive: bool, finished: Callable[[], None], server: Server,
-) -> web.StreamResponse:
+) -> tuple[web.StreamResponse, str | None]:
     """Send `upstream` to the caller as it arrives. Bytes pass untouched (no decoding).
 
     If either side fails or goes silent for `idle` mid-body, both connections are
     closed: a truncated body must never look complete to the caller. `finished` is
     called once the upstream is done and at most `server.response_buffer` bytes wait
     for the caller (it frees the route's slot); not at all when the relay failed.
+    Returns the response for aiohttp, and None when the caller got all of it, or the
+    error kind of why not (the head, and its status, had gone out): for the access log.
     """
     content = upstream.content
     if content.total_bytes and not has_no_body(request.method, upstream.status):
         sent = send_whole(request, upstream, request_id, extra, keep_alive)
         if sent is not None:
-            await _handed_over(request, finished, server)
-            return sent
+            return sent, await _handed_over(request, finished, server)
     kind = HeldHeadResponse if content.total_bytes else RelayedResponse
     # Headers go straight into the response's own: passing them in would copy them again.
     response = kind(status=upstream.status, reason=upstream.reason)
@@ -183,9 +195,13 @@ async def relay(
     except Exception as exc:  # noqa: BLE001 - any failure mid-body ends both sides the same way
         log.debug("relay of %s aborted: %r", request_id, exc)
         upstream.close()
-        if request.transport is not None:
-            request.transport.abort()
-        return response
+        caller = request.transport
+        gone = caller is None or caller.is_closing()
+        if caller is not None:
+            caller.abort()
+        # The watchdog fires for a silent upstream and a caller that stopped reading alike.
+        if isinstance(exc, TimeoutError):
+            return response, UpstreamTimeout.kind
+        return response, CALLER_GONE if gone else UpstreamReset.kind
     upstream.release()
-    await _handed_over(request, finished, server)
-    return response
+    return response, await _handed_over(request, finished, server)
