@@ -14,10 +14,12 @@ worker that accepts the connection.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -47,6 +49,11 @@ def supervise(config_path: str, workers: int, loop: str, watch: float | None) ->
 
     for forwarded in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(forwarded, remember)
+    # A signal also wakes the wait between two looks at the workers, so it is forwarded at once.
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    previous_wakeup = signal.set_wakeup_fd(wake_write)
 
     processes = [_start(command, env, slot) for slot in range(workers)]
     restarts: list[float] = []
@@ -76,13 +83,18 @@ def supervise(config_path: str, workers: int, loop: str, watch: float | None) ->
                 processes[slot] = _start(command, env, slot)
             if stopping and all(process.poll() is not None for process in processes):
                 break
-            time.sleep(POLL_SECONDS)
+            select.select([wake_read], [], [], POLL_SECONDS)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_read, 4096)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        signal.set_wakeup_fd(previous_wakeup)
+        for fd in (wake_read, wake_write):
+            os.close(fd)
     failed = [process.returncode for process in processes if process.returncode not in (0, None)]
     return 1 if failed or len(restarts) > MAX_RESTARTS_PER_WINDOW else 0
 
