@@ -138,11 +138,10 @@ def _run(path: str, loop: str, watch: float | None, worker: bool) -> int:
     # (at most a few thousand objects wait) and GC out of the per-request cost.
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     if worker:
-        from sidecar.runtime.workers import stop_with_supervisor
+        from sidecar.runtime.workers import serve_as_worker
 
-        stop_with_supervisor()
-        # A reload through one worker's admin API reaches the others through the supervisor.
-        sidecar.on_reloaded = lambda: os.kill(os.getppid(), signal.SIGHUP)
+        # Reloads and cache purges through one worker's admin API reach the others.
+        return run_until_signal(lambda stop: serve_as_worker(sidecar, stop, watch), loop)
     return run_until_signal(lambda stop: serve_until_stopped(sidecar, stop, watch), loop)
 
 

@@ -55,12 +55,14 @@ class ProcessConfig:
         return f"http://127.0.0.1:{self.admin_port}"
 
 
-def one_route_config(directory: Path, upstream_url: str, extra: str = "") -> ProcessConfig:
-    """A config file on free loopback ports sending every path to `upstream_url`; `extra` adds top-level keys."""
+def one_route_config(directory: Path, upstream_url: str, extra: str = "", route_extra: str = "") -> ProcessConfig:
+    """A config file on free loopback ports sending every path to `upstream_url`; `extra` adds top-level
+    keys, `route_extra` keys of the route (`cache: {}`)."""
     config = ProcessConfig(directory / "sidecar.yaml", free_port(), free_port())
+    route = "name: main, match: {path_prefix: /}, upstream: up" + (f", {route_extra}" if route_extra else "")
     config.path.write_text(
         f"listen: 127.0.0.1:{config.port}\nadmin: {{listen: 127.0.0.1:{config.admin_port}}}\n{extra}\n"
         f'upstreams: {{up: {{endpoints: ["{upstream_url}"]}}}}\n'
-        "routes: [{name: main, match: {path_prefix: /}, upstream: up}]\n"
+        f"routes: [{{{route}}}]\n"
     )
     return config

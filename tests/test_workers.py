@@ -1,4 +1,5 @@
-"""Workers: N processes share the ports, metrics add up, a dead worker comes back, signals reach all."""
+"""Workers: N processes share the ports, metrics add up, a dead worker comes back, signals and cache
+purges reach all."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sidecar.runtime import purge_log, workers
+from sidecar.runtime.purge_log import PurgeLog, open_for_workers
 from tests.conftest import Upstream, wait_until
 from tests.processes import get, one_route_config, wait_ready
 
@@ -116,3 +121,105 @@ async def test_workers_stop_when_the_supervisor_is_killed(upstream: Upstream, tm
         return False
 
     await wait_until(lambda: all(gone(pid) for pid in workers), limit=15)
+
+
+def delete(url: str) -> tuple[int, object]:
+    with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=5) as response:
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.timeout(60)
+async def test_a_cache_purge_through_one_worker_reaches_every_worker(upstream: Upstream, tmp_path: Path) -> None:
+    config = one_route_config(tmp_path, upstream.url, "shutdown: {drain_delay: 0s, timeout: 1s}\nlog: {access: false}",
+                              route_extra="cache: {default_ttl: 1h}")
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config.path), "--workers", "2"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+
+    async def get_until_upstream_saw(path: str, hits: int) -> None:
+        """GETs over fresh connections (the kernel spreads them over the workers) until the upstream
+        has seen `hits` requests for `path`: with two workers, each one missed once more."""
+        async with asyncio.timeout(15):
+            for _ in range(200):
+                if len(upstream.hits_for(path)) >= hits:
+                    break
+                assert (await asyncio.to_thread(get, config.base + path))[0] == 200
+        seen = len(upstream.hits_for(path))
+        assert seen == hits, f"the upstream saw {seen} requests for {path}"
+
+    try:
+        await wait_until(lambda: stderr_path.read_text().count('"sidecar started"') == 2, limit=15)
+        await get_until_upstream_saw("/items/1", 2)  # each worker has it cached
+        await get_until_upstream_saw("/keep", 2)
+
+        purge = config.admin + "/api/v1/cache?route=main&prefix=/items/"
+        # The counts are the answering worker's: its one entry under /items/.
+        assert await asyncio.to_thread(delete, purge) == (200, {"prefix": "/items/", "purged": {"main": 1}})
+
+        await get_until_upstream_saw("/items/1", 4)  # both workers missed again (3 if only one purged)
+        for _ in range(20):  # outside the prefix: still cached in both
+            assert (await asyncio.to_thread(get, config.base + "/keep"))[0] == 200
+        assert len(upstream.hits_for("/keep")) == 2
+
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.fixture
+def shared_fd() -> Iterator[int]:
+    fd = open_for_workers()
+    yield fd
+    os.close(fd)
+
+
+def test_the_purge_log_gives_each_worker_the_others_purges_from_when_it_started(shared_fd: int) -> None:
+    first, second = PurgeLog(shared_fd, pid=1), PurgeLog(shared_fd, pid=2)
+    assert first.append("main", "/items/") and second.append(None, "/")
+    assert first.read() == ([(None, "/")], False)  # its own purge it applied already
+    assert second.read() == ([("main", "/items/")], False)
+    assert second.read() == ([], False)
+    later = PurgeLog(shared_fd, pid=3)  # a restarted worker: its cache is empty, the past is not its
+    assert first.append("main", "/x")
+    assert later.read() == ([("main", "/x")], False)
+
+
+def test_the_purge_log_waits_for_a_line_being_written_and_skips_what_is_not_a_purge(shared_fd: int) -> None:
+    reader = PurgeLog(shared_fd, pid=1)
+    os.write(shared_fd, b'{"route": null, "prefix": "/a", "pi')
+    assert reader.read() == ([], False)
+    os.write(shared_fd, b'd": 2}\nnot json\n["a"]\n{"route": 1, "prefix": "/", "pid": 2}\n')
+    os.write(shared_fd, b'{"route": "main", "prefix": "/b", "pid": 2}\n')
+    assert reader.read() == ([(None, "/a"), ("main", "/b")], False)
+
+
+def test_the_purge_log_reads_a_long_backlog_in_bounded_steps(shared_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(purge_log, "READ_CHUNK", 100)
+    reader, writer = PurgeLog(shared_fd, pid=1), PurgeLog(shared_fd, pid=2)
+    for index in range(10):
+        assert writer.append("main", f"/{index}")  # about 45 bytes a line
+    seen: list[tuple[str | None, str]] = []
+    for _ in range(10):
+        purges, more = reader.read()
+        assert len(purges) <= 2
+        seen += purges
+        if not more:
+            break
+    assert seen == [("main", f"/{index}") for index in range(10)]
+
+
+def test_a_worker_starts_with_purge_signals_held_until_it_handles_them(shared_fd: int) -> None:
+    # Forwarded before the worker has its handler, SIGUSR1 must wait (its default action ends the process).
+    waits = "import signal, sys; signal.sigwait({signal.SIGUSR1}); sys.exit(7)"  # only a blocked signal waits
+    process = workers._start([sys.executable, "-c", waits], dict(os.environ), 0, shared_fd)
+    try:
+        process.send_signal(signal.SIGUSR1)
+        assert process.wait(10) == 7
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

@@ -3,9 +3,12 @@
     DELETE /api/v1/cache?route=NAME&prefix=/PATH   drop stored entries (the admin token when set)
     cache_stats on each route of GET /api/v1/routes
 
-With --workers N each worker has its own cache, and these reach the worker that answers.
+With --workers N each worker has its own cache. A purge is made here in the worker that
+answers, and `on_purged` tells the runtime, which passes it on to the other workers; they
+apply it with `purge` too. `cache_stats` are the answering worker's.
 
-The admin package knows nothing of the cache: the runtime hands these the caches in force.
+The admin package knows nothing of the cache, and this module nothing of processes: the
+runtime hands these the caches in force and the hook.
 """
 
 from __future__ import annotations
@@ -19,16 +22,26 @@ from sidecar.cache.layer import RouteCache
 
 # The caches in force by route name (a reload replaces them); None for a route without `cache:`.
 Caches = Callable[[], Mapping[str, RouteCache | None]]
+# Told of each purge the endpoint made (route, or None for every cached route; prefix), after it.
+Purged = Callable[[str | None, str], None]
+
+
+def purge(caches: Mapping[str, RouteCache | None], route: str | None, prefix: str) -> dict[str, int]:
+    """Drop the entries whose target starts with `prefix`, of `route` or of every cached route
+    (None): how many went, by route. A route that is not there or has no cache is left out: the
+    endpoint refuses those before, and another worker's purge may meet this one between configs."""
+    chosen = list(caches) if route is None else [route]
+    return {name: cache.store.purge(prefix) for name in chosen if (cache := caches.get(name)) is not None}
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": kind, "message": message}, status=status)
 
 
-def admin_extension(caches: Caches) -> Callable[[web.Application], None]:
+def admin_extension(caches: Caches, on_purged: Purged | None = None) -> Callable[[web.Application], None]:
     """For AdminContext.extensions: adds the purge endpoint."""
 
-    async def purge(request: web.Request) -> web.Response:
+    async def purge_endpoint(request: web.Request) -> web.Response:
         route = request.query.get("route")
         prefix = request.query.get("prefix", "/")  # every target starts with /
         if not prefix.startswith("/"):
@@ -39,18 +52,13 @@ def admin_extension(caches: Caches) -> Callable[[web.Application], None]:
                 return _error(404, "unknown_route", f"no route named {route[:100]}")
             if current[route] is None:
                 return _error(409, "cache_disabled", f"route {route} has no cache")
-            chosen = [route]
-        else:
-            chosen = [name for name, cache in current.items() if cache is not None]
-        purged = {}
-        for name in chosen:
-            cache = current[name]
-            assert cache is not None
-            purged[name] = cache.store.purge(prefix)
+        purged = purge(current, route, prefix)
+        if on_purged is not None:
+            on_purged(route, prefix)  # also when nothing went here: other workers may hold entries
         return web.json_response({"prefix": prefix, "purged": purged})
 
     def extend(app: web.Application) -> None:
-        app.router.add_delete("/api/v1/cache", purge)
+        app.router.add_delete("/api/v1/cache", purge_endpoint)
 
     return extend
 

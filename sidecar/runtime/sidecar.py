@@ -79,6 +79,9 @@ class Sidecar:
         self.metrics_bound: tuple[str, int] | None = None
         # Called after a reload through the admin API (set by a worker to reach its siblings).
         self.on_reloaded: Callable[[], None] | None = None
+        # Called after a cache purge through the admin API, with its route (None: all) and prefix
+        # (set by a worker to reach its siblings, which apply it with purge_cache).
+        self.on_purged: Callable[[str | None, str], None] | None = None
         self._metrics_flush: asyncio.TimerHandle | None = None  # with several workers
         # Durable delivery: where its SQLite file lives, and the store and deliverers once a route queues.
         self.state_dir = state_dir or default_state_dir()
@@ -128,13 +131,22 @@ class Sidecar:
             config=lambda: self.config,
             breakers=lambda: {name: route.state.breaker for name, route in self._routes.items()},
             reload=self._reload_from_admin,
-            extensions=(delivery_routes(lambda: self.delivery), cache_admin.admin_extension(self._caches)),
+            extensions=(delivery_routes(lambda: self.delivery),
+                        cache_admin.admin_extension(self._caches, self._purged_from_admin)),
             route_extras=(cache_admin.route_extras(self._caches),),
         )
 
     def _caches(self) -> dict[str, RouteCache | None]:
         """The route caches in force now, by route (None: no `cache:`), for the admin API."""
         return {name: route.state.cache for name, route in self._routes.items()}
+
+    def purge_cache(self, route: str | None, prefix: str) -> dict[str, int]:
+        """Apply a cache purge made elsewhere (another worker's admin API): entries dropped, by route."""
+        return cache_admin.purge(self._caches(), route, prefix)
+
+    def _purged_from_admin(self, route: str | None, prefix: str) -> None:
+        if self.on_purged is not None:
+            self.on_purged(route, prefix)  # with workers: tell the others, through the supervisor
 
     async def _reload_from_admin(self) -> None:
         await self.reload_from_file()

@@ -1,23 +1,29 @@
 """`sidecar run --workers N`: N worker processes sharing the listening ports (SO_REUSEPORT).
 
 The supervisor starts each worker as a fresh interpreter, restarts one that dies,
-forwards SIGTERM/SIGINT (drain and stop) and SIGHUP (reload) to all of them, and exits
-once they have all stopped after a stop signal.
+forwards SIGTERM/SIGINT (drain and stop), SIGHUP (reload) and SIGUSR1 (apply new cache
+purges) to all of them, and exits once they have all stopped after a stop signal. A worker
+sends it SIGHUP after a reload through its admin API, and SIGUSR1 after a cache purge
+(written to the purge log the supervisor hands down, runtime/purge_log.py), so both reach
+every worker within milliseconds.
 
 Metrics add up across workers through prometheus-client's multiprocess mode: every
 worker writes its samples to files in one PROMETHEUS_MULTIPROC_DIR, and whichever worker
 answers /metrics sums them (counters and histograms add; in-flight gauges add over live
 workers; breaker and ejection gauges carry a `pid` label, one series per worker). Breaker
-state, budgets, limits and ejections are per worker, and the admin API answers for the
-worker that accepts the connection.
+state, budgets, limits, ejections and caches are per worker, and the admin API answers for
+the worker that accepts the connection (a reload and a cache purge are then passed on).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -25,6 +31,12 @@ import sys
 import tempfile
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
+
+from sidecar.runtime.purge_log import PURGE_LOG_FD, PurgeLog, following, open_for_workers
+
+if TYPE_CHECKING:
+    from sidecar.runtime.sidecar import Sidecar
 
 log = logging.getLogger("sidecar.workers")
 
@@ -36,7 +48,8 @@ MAX_RESTARTS_PER_WINDOW = 10  # a worker that keeps dying is a bug or a bad host
 
 def supervise(config_path: str, workers: int, loop: str, watch: float | None) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    purge_log = open_for_workers()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, PURGE_LOG_FD: str(purge_log)}
     command = [sys.executable, "-m", "sidecar", "run", "--config", config_path, "--loop", loop, "--worker"]
     if watch:
         command += ["--watch", str(watch)]
@@ -45,10 +58,15 @@ def supervise(config_path: str, workers: int, loop: str, watch: float | None) ->
     def remember(signum: int, frame: FrameType | None) -> None:
         signals.append(signum)
 
-    for forwarded in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for forwarded in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(forwarded, remember)
+    # A signal also wakes the wait between two looks at the workers, so it is forwarded at once.
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    previous_wakeup = signal.set_wakeup_fd(wake_write)
 
-    processes = [_start(command, env, slot) for slot in range(workers)]
+    processes = [_start(command, env, slot, purge_log) for slot in range(workers)]
     restarts: list[float] = []
     stopping = False
     try:
@@ -73,22 +91,33 @@ def supervise(config_path: str, workers: int, loop: str, watch: float | None) ->
                         if other.poll() is None:
                             other.terminate()
                     break
-                processes[slot] = _start(command, env, slot)
+                processes[slot] = _start(command, env, slot, purge_log)
             if stopping and all(process.poll() is not None for process in processes):
                 break
-            time.sleep(POLL_SECONDS)
+            select.select([wake_read], [], [], POLL_SECONDS)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_read, 4096)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        signal.set_wakeup_fd(previous_wakeup)
+        for fd in (wake_read, wake_write, purge_log):
+            os.close(fd)
     failed = [process.returncode for process in processes if process.returncode not in (0, None)]
     return 1 if failed or len(restarts) > MAX_RESTARTS_PER_WINDOW else 0
 
 
-def _start(command: list[str], env: dict[str, str], slot: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(command, env=env)
+def _start(command: list[str], env: dict[str, str], slot: int, purge_log: int) -> subprocess.Popen[bytes]:
+    # The worker starts with SIGUSR1 blocked (a signal mask survives exec): a purge signal forwarded
+    # before it has a handler waits instead of ending it. It unblocks it once handled (purge_log.following).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        process = subprocess.Popen(command, env=env, pass_fds=(purge_log,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     log.info("worker started", extra={"pid": process.pid, "slot": slot})
     return process
 
@@ -101,6 +130,38 @@ def _mark_dead(pid: int, metrics_dir: str) -> None:
         multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
     except OSError:
         log.exception("could not clear a dead worker's gauges", extra={"pid": pid})
+
+
+async def serve_as_worker(sidecar: Sidecar, stop: asyncio.Event, watch: float | None) -> None:
+    """serve_until_stopped in a worker: it stops with the supervisor, a reload or a cache purge
+    through its admin API reaches the other workers through the supervisor, and theirs reach it."""
+    from sidecar.runtime.sidecar import serve_until_stopped  # not in the supervisor, which needs none of it
+
+    stop_with_supervisor()
+    supervisor = os.getppid()
+    sidecar.on_reloaded = lambda: _signal(supervisor, signal.SIGHUP)
+    purges = PurgeLog.inherited()
+    if purges is None:  # `--worker` without a supervisor's purge log: nothing to share purges with
+        await serve_until_stopped(sidecar, stop, watch)
+        return
+
+    def purged(route: str | None, prefix: str) -> None:
+        assert purges is not None
+        if purges.append(route, prefix):
+            _signal(supervisor, signal.SIGUSR1)
+
+    sidecar.on_purged = purged
+    with following(purges, sidecar.purge_cache):
+        await serve_until_stopped(sidecar, stop, watch)
+
+
+def _signal(supervisor: int, signum: int) -> None:
+    """Signal the supervisor, unless it is gone: this worker's parent is then init or a subreaper,
+    for which SIGHUP or SIGUSR1 means something else (this worker is stopping anyway)."""
+    if os.getppid() != supervisor:
+        log.warning("the supervisor is gone; the other workers are not told", extra={"signal": signum})
+        return
+    os.kill(supervisor, signum)
 
 
 def stop_with_supervisor() -> None:
