@@ -212,12 +212,14 @@ def test_the_purge_log_reads_a_long_backlog_in_bounded_steps(shared_fd: int, mon
     assert seen == [("main", f"/{index}") for index in range(10)]
 
 
-def test_a_worker_starts_with_purge_signals_held_until_it_handles_them(shared_fd: int) -> None:
-    # Forwarded before the worker has its handler, SIGUSR1 must wait (its default action ends the process).
-    waits = "import signal, sys; signal.sigwait({signal.SIGUSR1}); sys.exit(7)"  # only a blocked signal waits
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP], ids=["purge", "reload"])
+def test_a_worker_starts_with_forwarded_signals_held_until_it_handles_them(shared_fd: int, signum: int) -> None:
+    # Forwarded before the worker has its handler, SIGUSR1 or SIGHUP must wait (their default
+    # action ends the process): a restarted worker gets them while it starts.
+    waits = f"import signal, sys; signal.sigwait({{{int(signum)}}}); sys.exit(7)"  # only a blocked signal waits
     process = workers._start([sys.executable, "-c", waits], dict(os.environ), 0, shared_fd)
     try:
-        process.send_signal(signal.SIGUSR1)
+        process.send_signal(signum)
         assert process.wait(10) == 7
     finally:
         if process.poll() is None:

@@ -387,14 +387,23 @@ async def serve_until_stopped(sidecar: Sidecar, stop: asyncio.Event, watch: floa
         task.add_done_callback(tasks.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    # A worker starts with SIGHUP blocked (runtime/workers.py), so a reload forwarded while it
+    # started waits; it arrives now. While draining it is blocked again before the handler goes:
+    # SIGHUP's default action would end the process mid-drain.
+    held = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     watcher = loop.create_task(watch_file(sidecar, watch)) if watch and sidecar.config_path else None
     try:
         await stop.wait()
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         loop.remove_signal_handler(signal.SIGHUP)
         if watcher is not None:
             watcher.cancel()
-        await sidecar.drain_and_stop()
+        try:
+            await sidecar.drain_and_stop()
+        finally:
+            if signal.SIGHUP not in held:  # as it was before (a test's own process, say)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 async def _reload_logged(sidecar: Sidecar) -> None:

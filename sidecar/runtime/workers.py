@@ -110,14 +110,20 @@ def supervise(config_path: str, workers: int, loop: str, watch: float | None) ->
     return 1 if failed or len(restarts) > MAX_RESTARTS_PER_WINDOW else 0
 
 
+# Signals the supervisor forwards whose default action would end a worker that has no handler
+# for them yet (one still starting, say a restarted one): SIGUSR1 (purges) and SIGHUP (reloads).
+HELD_UNTIL_HANDLED = frozenset({signal.SIGUSR1, signal.SIGHUP})
+
+
 def _start(command: list[str], env: dict[str, str], slot: int, purge_log: int) -> subprocess.Popen[bytes]:
-    # The worker starts with SIGUSR1 blocked (a signal mask survives exec): a purge signal forwarded
-    # before it has a handler waits instead of ending it. It unblocks it once handled (purge_log.following).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    # The worker starts with those blocked (a signal mask survives exec): one forwarded before it
+    # has a handler waits instead of ending it. It unblocks each once it handles it
+    # (purge_log.following, runtime/sidecar.serve_until_stopped).
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_UNTIL_HANDLED)
     try:
         process = subprocess.Popen(command, env=env, pass_fds=(purge_log,))
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_UNTIL_HANDLED)
     log.info("worker started", extra={"pid": process.pid, "slot": slot})
     return process
 
