@@ -93,6 +93,8 @@ def test_env_variable_replaces_the_default(tmp_path: Path) -> None:
      "duplicate route name `main` at $.routes[1].name (line 7)"),
     (GOOD + "defaults:\n  retries: {backoff: {base: 1s, max: 100ms}}\n",
      "retries.backoff.base is above backoff.max"),
+    (GOOD.replace("    upstream: up\n", "    upstream: up\n    timeouts: {total: 2s}\n    delivery: {lease: 3s}\n"),
+     "delivery.lease must be at least twice timeouts.total (4s) at $.routes[0].delivery.lease (line 8)"),
     (GOOD.replace("match: {path_prefix: /}", 'match: {path_prefix: /, host: "[:8080"}'),
      "invalid match.host '[:8080': write a host name or IP address at $.routes[0].match.host (line 5)"),
     ("routes: [\n", "invalid YAML (line 2)"),

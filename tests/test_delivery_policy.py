@@ -7,7 +7,7 @@ import dataclasses
 import msgspec
 import pytest
 
-from sidecar.config.delivery import DeliveryStore, RouteDelivery
+from sidecar.config.delivery import DeliveryStore, RouteDelivery, lease_of
 from sidecar.config.units import decode_hook
 from sidecar.delivery.model import Decision, Message, Outcome, Schedule, Verdict, classify, new_id, new_message
 
@@ -139,6 +139,7 @@ def test_route_delivery_defaults_and_units() -> None:
     )
     assert (defaults.ttl, defaults.backoff.base, defaults.backoff.max, defaults.concurrency) == (86400, 1, 300, 1)
     assert (defaults.retention, defaults.dedupe_window) == (3600, 86400)
+    assert (lease_of(defaults, total=15.0), lease_of(policy(lease="3s"), total=1.0)) == (40.0, 3.0)
     custom = policy(mode="on_request", methods=["POST"], max_bytes="64MiB", backoff={"base": "250ms"})
     assert custom.max_bytes == 64 * 1024 * 1024 and custom.backoff.base == 0.25 and custom.backoff.max == 300
     for wrong in ({"methods": ["post"]}, {"concurrency": 0}, {"mode": "sometimes"}, {"retries": 3}):

@@ -22,6 +22,9 @@ GIB = 1024**3
 CHUNK = b"\x5a" * (256 * 1024)
 # "A few MiB": the sidecar holds a handful of socket buffers, never the body.
 ALLOWED_GROWTH = 16 * 1024 * 1024
+# SIGTERM at the end stops the process at once: the default drain_delay (5 s of serving on
+# for the app's last calls) would be most of each test's time.
+NO_DRAIN = "shutdown: {drain_delay: 0s}"
 
 
 def rss_bytes(pid: int) -> int:
@@ -61,7 +64,7 @@ async def test_one_gib_each_way_grows_sidecar_memory_by_a_few_mib_at_most(
 
     upstream.on("/sink", sink)
     upstream.on("/source", source)
-    config = one_route_config(tmp_path, upstream.url)
+    config = one_route_config(tmp_path, upstream.url, NO_DRAIN)
     process = subprocess.Popen([sys.executable, "-m", "sidecar", "run", "-c", str(config.path)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -116,7 +119,7 @@ async def test_the_cache_never_grows_beyond_max_bytes(
     config = ProcessConfig(tmp_path / "sidecar.yaml", free_port(), free_port())
     config.path.write_text(
         f"listen: 127.0.0.1:{config.port}\nadmin: {{listen: 127.0.0.1:{config.admin_port}}}\n"
-        "log: {access: false}\n"
+        f"log: {{access: false}}\n{NO_DRAIN}\n"
         f'upstreams: {{up: {{endpoints: ["{upstream.url}"]}}}}\n'
         f"routes: [{{name: main, match: {{path_prefix: /}}, upstream: up, cache: {{max_bytes: {CACHE_MAX}}}}}]\n"
     )

@@ -46,6 +46,16 @@ class RouteDelivery(_Section, frozen=True):
     max_pending: Positive = 100_000
     max_bytes: Size = size("256MiB")  # sum of stored bodies
     dedupe_window: Duration = duration("24h")  # the same Idempotency-Key on the route gets the same id
+    # How long a worker holds the messages it claimed: a dead worker's come back after this.
+    # None: lease_of's default. At least 2 x timeouts.total (checked when the config is loaded).
+    lease: Duration | None = None
+
+
+def lease_of(delivery: RouteDelivery, total: float) -> float:
+    """A claim's lease, the same in every worker: `delivery.lease`, or by default twice the route's total
+    timeout (a message is sent only while half its lease is left, so an attempt ends before it
+    does) with 10 s to spare for recording the outcome."""
+    return delivery.lease if delivery.lease is not None else 2 * total + 10.0
 
 
 class DeliveryStore(_Section, frozen=True):

@@ -143,6 +143,11 @@ def _build(document: schema.Document, data: dict[str, Any], lines: Lines) -> Con
         }
         if route.delivery is not None and route.delivery.backoff.base > route.delivery.backoff.max:
             raise ConfigError(f"delivery.backoff.base is above backoff.max {where(path + '.delivery.backoff', lines)}")
+        total = policies["timeouts"].total
+        if route.delivery is not None and route.delivery.lease is not None and route.delivery.lease < 2 * total:
+            # Shorter, another worker could take over a message while its attempt is still running.
+            raise ConfigError(f"delivery.lease must be at least twice timeouts.total ({2 * total:g}s) "
+                              f"{where(path + '.delivery.lease', lines)}")
         routes.append(RouteSpec(
             name=route.name, listen=listen, host=host, path_prefix=match.path_prefix,
             strip_prefix=route.strip_prefix, upstream=upstreams[route.upstream], fallback=route.fallback,

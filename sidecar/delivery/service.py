@@ -30,11 +30,6 @@ STATS_SECONDS = 1.0
 OUTCOMES = {Verdict.DELIVERED: "delivered", Verdict.RETRY: "retried", Verdict.DEAD: "dead"}
 
 
-def lease_for(total_timeout: float) -> float:
-    """A claim's lease: longer than one attempt can take (the route's total timeout), the same in every worker."""
-    return 2 * total_timeout + 10.0
-
-
 class DeliveryService:
     def __init__(self, store: Store, metrics: DeliveryMetrics, events: EventBus) -> None:
         self.store = store

@@ -23,9 +23,10 @@ from sidecar.admin import AdminContext, Readiness, admin_app, health_and_metrics
 from sidecar.cache import admin as cache_admin
 from sidecar.cache.layer import RouteCache
 from sidecar.config import Address, Config, ConfigError, RouteSpec, load_config
+from sidecar.config.delivery import lease_of
 from sidecar.delivery.admin import delivery_routes
 from sidecar.delivery.queue import RouteQueue
-from sidecar.delivery.service import DeliveryService, lease_for
+from sidecar.delivery.service import DeliveryService
 from sidecar.delivery.store import StoreError
 from sidecar.errors import ReloadError
 from sidecar.proxy.early import EarlyAnswers
@@ -203,7 +204,8 @@ class Sidecar:
     def _run_delivery(self, config: Config) -> None:
         if self.delivery is not None:
             queues = {name: route.queue for name, route in self._routes.items() if route.queue is not None}
-            leases = {route.name: lease_for(route.timeouts.total) for route in config.routes}
+            leases = {route.name: lease_of(route.delivery, route.timeouts.total)
+                      for route in config.routes if route.delivery is not None}
             self.delivery.run(queues, leases, config.shutdown.timeout)
 
     def _caches_replaced(self, before: dict[str, ActiveRoute], after: dict[str, ActiveRoute]) -> None:
