@@ -190,6 +190,19 @@ def test_describe_matches_what_check_prints() -> None:
     assert yaml.safe_load(check(CANONICAL).stdout) == json.loads(json.dumps(describe(config)))
 
 
+def test_describe_shows_the_delivery_lease_in_force() -> None:
+    config = parse_config("""
+upstreams: {up: {endpoints: ["http://127.0.0.1:1"]}}
+routes:
+  - {name: default, match: {path_prefix: /a}, upstream: up, delivery: {}}
+  - {name: set, match: {path_prefix: /b}, upstream: up, timeouts: {total: 1s}, delivery: {lease: 2500ms}}
+  - {name: plain, match: {path_prefix: /c}, upstream: up}
+""", {})
+    shown = {route["name"]: route["delivery"] for route in describe(config)["routes"]}
+    assert shown["default"]["lease"] == "40s"  # 2 x timeouts.total (15s) + 10s, worked out
+    assert shown["set"]["lease"] == "2500ms" and shown["plain"] is None
+
+
 def test_error_type_is_config_error() -> None:
     with pytest.raises(ConfigError):
         parse_config("routes: 5", {})

@@ -6,7 +6,8 @@ from typing import Any
 
 import msgspec
 
-from sidecar.config.model import Config
+from sidecar.config.delivery import lease_of
+from sidecar.config.model import Config, RouteSpec
 from sidecar.config.schema import POLICY_SECTIONS
 from sidecar.config.source import redact
 from sidecar.config.units import Duration, Size
@@ -61,13 +62,21 @@ def _describe(config: Config) -> dict[str, Any]:
                 },
                 **{section: plain(getattr(route, section)) for section in POLICY_SECTIONS},
                 "fallback": plain(route.fallback),
-                "delivery": plain(route.delivery),
+                "delivery": _delivery(route),
                 "cache": plain(route.cache),
             }
             for route in config.routes
         ],
         "delivery": plain(config.delivery),
     }
+
+
+def _delivery(route: RouteSpec) -> dict[str, Any] | None:
+    """A route's delivery section, with the lease in force worked out when it is left to the default."""
+    if route.delivery is None:
+        return None
+    lease = Duration(lease_of(route.delivery, route.timeouts.total))
+    return {**plain(route.delivery), "lease": str(lease)}
 
 
 def json_schema() -> dict[str, Any]:
