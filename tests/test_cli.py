@@ -129,7 +129,21 @@ async def test_demo_serves_its_misbehaving_upstream_and_stops_on_ctrl_c(
     with urllib.request.urlopen(base + "/demo/events", timeout=5) as stream:
         assert stream.readline() == b"id: 1\n"
         assert stream.readline() == b"data: tick 1\n"
+    # The cache, as the printed commands show it: MISS, HIT, then the last good answer while it fails.
+    labels, bodies = [], []
+    for method, path, headers in [("GET", "/demo/cached", {}), ("GET", "/demo/cached", {}),
+                                  ("POST", "/demo/cached/down", {}),
+                                  ("GET", "/demo/cached", {"Cache-Control": "no-cache"})]:
+        request = urllib.request.Request(base + path, method=method, headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            labels.append(response.headers["x-sidecar-cache"])
+            bodies.append(response.read())
+            if labels[-1] == "STALE":
+                assert response.headers["x-sidecar-stale-reason"] in ("status_503", "circuit_open")
+    assert labels == ["MISS", "HIT", "BYPASS", "STALE"]
+    assert bodies[0] == bodies[1] == bodies[3] and bodies[0].startswith(b"demo upstream: the time is ")
     process.send_signal(signal.SIGINT)
     out, _ = await asyncio.to_thread(process.communicate, timeout=15)
     assert process.returncode == 0
     assert f"curl -i {base}/demo/flaky" in out and f"http://127.0.0.1:{admin_port}/metrics" in out
+    assert f"curl -X POST {base}/demo/cached/down" in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -38,7 +40,14 @@ routes:
   - name: nowhere
     match: {{path_prefix: /nowhere/}}
     upstream: nowhere
+  - name: cached           # a response cache: fresh hits without the upstream, stale ones while it fails
+    match: {{path_prefix: /demo/cached}}
+    upstream: demo
+    cache: {{}}
 """
+
+
+Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def demo_upstream(failure_rate: float = 0.5) -> web.Application:
@@ -67,17 +76,39 @@ def demo_upstream(failure_rate: float = 0.5) -> web.Application:
             await asyncio.sleep(0.5)
         return response
 
+    down = False  # POST .../down and .../up switch /cached between failing and answering
+
+    async def cached(request: web.Request) -> web.Response:
+        if down:
+            return web.Response(status=503, text="demo upstream: down, as asked\n")
+        return web.Response(text=f"demo upstream: the time is {time.strftime('%H:%M:%S')}\n",
+                            headers={"Cache-Control": "max-age=10"})
+
+    def switch(to_down: bool) -> Behaviour:
+        async def set_down(request: web.Request) -> web.Response:
+            nonlocal down
+            if request.method != "POST":
+                raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+            down = to_down
+            return web.Response(text=f"demo upstream: /cached is now {'down' if down else 'up'}\n")
+
+        return set_down
+
     # Answer by the last path segment, so routes may strip their prefix or not.
-    behaviours = {"hello": hello, "flaky": flaky, "slow": slow, "reset": reset, "events": events}
+    behaviours: dict[str, Behaviour] = {
+        "hello": hello, "flaky": flaky, "slow": slow, "reset": reset, "events": events, "cached": cached,
+        "down": switch(True), "up": switch(False),
+    }
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         behaviour = behaviours.get(request.path.rstrip("/").rsplit("/", 1)[-1])
         if behaviour is None:
-            raise web.HTTPNotFound(text="demo upstream: try /hello, /flaky, /slow, /reset or /events\n")
+            raise web.HTTPNotFound(text="demo upstream: try /hello, /flaky, /slow, /reset, /events or /cached\n")
         return await behaviour(request)
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", dispatch)
+    app.router.add_post("/{tail:.*}", dispatch)
     return app
 
 
@@ -103,6 +134,11 @@ Try:
   curl -i {base}/nowhere/             # nothing listens there: 502 connect_failure
   curl -i {base}/elsewhere            # no route matches: 404 no_route
   curl -N {base}/demo/events          # server-sent events, each as it is written
+  curl -i {base}/demo/cached          # cached 10s: MISS, then HIT with Age (x-sidecar-cache), no upstream hop
+  curl -X POST {base}/demo/cached/down  # the upstream now fails /cached (POST {base}/demo/cached/up: back)
+  curl -i -H 'Cache-Control: no-cache' {base}/demo/cached
+                                      # asks the upstream, which fails: the last good answer, marked STALE,
+                                      #   x-sidecar-stale-reason: status_503 (so does a plain GET after 10s)
 
 Metrics: curl http://{admin}/metrics
 Health:  curl http://{admin}/healthz   Ready: curl http://{admin}/readyz
