@@ -392,8 +392,8 @@ async def test_a_reload_turns_early_answers_on_and_off_with_the_cache(
 
 
 def test_a_head_with_a_line_break_is_never_prepared_nor_answered() -> None:
-    assert prepare_head(200, "OK", [("X-A", "one\r\nX-Injected: two")]) is None
-    head = prepare_head(200, "OK", [("Content-Length", "2"), ("Date", "Tue, 01 Dec 2026 08:00:00 GMT")])
+    assert prepare_head(200, "OK", [("Content-Length", "2"), ("X-A", "one\r\nX-Injected: two")], b"ok") is None
+    head = prepare_head(200, "OK", [("Content-Length", "2"), ("Date", "Tue, 01 Dec 2026 08:00:00 GMT")], b"ok")
     assert head is not None and head.has_date and not head.has_server
     assert early_answer(head, ["X-Request-Id: a\r\nX-Injected: b\r\n"], b"ok") is None
     whole = early_answer(head, ["X-Request-Id: a\r\n"], b"ok")

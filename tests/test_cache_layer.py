@@ -85,6 +85,25 @@ async def get(client: aiohttp.ClientSession, proxy: RunningSidecar, path: str = 
         return response.status, await response.read(), response.headers
 
 
+def held(gate: Gate, body: bytes = BODY, status: int = 200, **headers: str) -> Any:
+    """An upstream behaviour that waits at `gate` before it answers."""
+
+    async def respond(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
+        await gate(request, hit)
+        return web.Response(status=status, body=body, headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+    return respond
+
+
+async def herd(client: aiohttp.ClientSession, proxy: RunningSidecar, gate: Gate, count: int) -> list[Any]:
+    """`count` concurrent GETs of /a, released once the first is at the upstream and the rest wait for it."""
+    callers = [asyncio.create_task(get(client, proxy)) for _ in range(count)]
+    await gate.until_waiting(1)
+    await wait_until(lambda: cache_of(proxy).coalescer.waiting == count - 1)
+    gate.release.set()
+    return list(await asyncio.gather(*callers))
+
+
 async def test_a_fresh_hit_does_not_reach_the_upstream(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
@@ -246,19 +265,9 @@ async def test_a_callers_matching_conditional_gets_304_from_the_entry(
 async def test_hundred_concurrent_gets_on_a_miss_make_one_upstream_request(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = cache_of(proxy)
     gate = Gate()
-
-    async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        await gate(request, hit)
-        return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
-
-    upstream.on("/a", held)
-    callers = [asyncio.create_task(get(client, proxy)) for _ in range(100)]
-    await gate.until_waiting(1)
-    await wait_until(lambda: cache.coalescer.waiting == 99)
-    gate.release.set()
-    answers = await asyncio.gather(*callers)
+    upstream.on("/a", held(gate, Cache_Control="max-age=60"))
+    answers = await herd(client, proxy, gate, 100)
     assert {(status, body) for status, body, _ in answers} == {(200, BODY)}
     labels = sorted(headers["x-sidecar-cache"] for _, _, headers in answers)
     assert labels == ["COALESCED"] * 99 + ["MISS"]
@@ -268,19 +277,9 @@ async def test_hundred_concurrent_gets_on_a_miss_make_one_upstream_request(
 async def test_not_storable_waiters_each_go_upstream(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
-    cache = cache_of(proxy)
     gate = Gate()
-
-    async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        await gate(request, hit)
-        return web.Response(body=BODY, headers={"Cache-Control": "private"})
-
-    upstream.on("/a", held)
-    callers = [asyncio.create_task(get(client, proxy)) for _ in range(5)]
-    await gate.until_waiting(1)
-    await wait_until(lambda: cache.coalescer.waiting == 4)
-    gate.release.set()
-    answers = await asyncio.gather(*callers)
+    upstream.on("/a", held(gate, Cache_Control="private"))
+    answers = await herd(client, proxy, gate, 5)
     assert [(status, body) for status, body, _ in answers] == [(200, BODY)] * 5
     assert len(upstream.hits_for("/a")) == 5
 
@@ -442,21 +441,11 @@ async def test_waiters_share_a_failure_and_all_get_the_stale_entry(
     proxy: RunningSidecar, upstream: Upstream, client: aiohttp.ClientSession, clock: Clock
 ) -> None:
     """In an outage a herd of callers makes one upstream request, and every one gets the last good answer."""
-    cache = cache_of(proxy)
     gate = Gate()
-
-    async def failing(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        await gate(request, hit)
-        return web.Response(status=503, text="down")
-
-    upstream.on("/a", answer(Cache_Control="max-age=1"), failing)
+    upstream.on("/a", answer(Cache_Control="max-age=1"), held(gate, b"down", status=503))
     await get(client, proxy)
     clock.advance(5)
-    callers = [asyncio.create_task(get(client, proxy)) for _ in range(20)]
-    await gate.until_waiting(1)
-    await wait_until(lambda: cache.coalescer.waiting == 19)
-    gate.release.set()
-    answers = await asyncio.gather(*callers)
+    answers = await herd(client, proxy, gate, 20)
     assert {(status, body, headers["x-sidecar-cache"], headers["x-sidecar-stale-reason"])
             for status, body, headers in answers} == {(200, BODY, "STALE", "status_503")}
     assert len(upstream.hits_for("/a")) == 2
@@ -509,12 +498,7 @@ async def test_a_waiter_gives_up_at_its_own_deadline(
 ) -> None:
     cache = cache_of(proxy)
     gate = Gate()
-
-    async def held(request: web.BaseRequest, hit: Hit) -> web.StreamResponse:
-        await gate(request, hit)
-        return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
-
-    upstream.on("/a", held)
+    upstream.on("/a", held(gate, Cache_Control="max-age=60"))
     leader = asyncio.create_task(get(client, proxy))
     await gate.until_waiting(1)
     status, _, headers = await get(client, proxy, x_sidecar_timeout_ms="50")  # waits, then gives up

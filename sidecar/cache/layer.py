@@ -396,16 +396,12 @@ class _CachedHandler:
 
 def _early_head(status: int, reason: str, fields: Fields, body: bytes, vary: tuple[str, ...]) -> PreparedHead | None:
     """The head a fresh hit on this entry sends, encoded now, when such a hit may be answered
-    early (RouteCache.early_hit): a body framed by its Content-Length (the answer that
-    wire/whole_response.py writes in one go; HEAD, 204 and the rest take the usual path), and a
-    Vary only on fields the upstream sees as the caller sent them, so the caller's own headers
-    select the same variant. Age is each answer's own."""
-    if not body or any(not same_upstream(name) for name in vary):
+    early (RouteCache.early_hit): the wire must send it in one go (prepare_head says), and its
+    Vary names only fields the upstream sees as the caller sent them, so the caller's own
+    headers select the same variant. Age is each answer's own."""
+    if any(not same_upstream(name) for name in vary):
         return None
-    lengths = [value for name, value in fields if name.lower() == "content-length"]
-    if lengths[:1] != [str(len(body))]:
-        return None
-    return prepare_head(status, reason, ((name, value) for name, value in fields if name.lower() != "age"))
+    return prepare_head(status, reason, ((name, value) for name, value in fields if name.lower() != "age"), body)
 
 
 def _take_conditions(headers: CIMultiDict[str]) -> CIMultiDict[str]:

@@ -70,15 +70,22 @@ class PreparedHead:
     has_server: bool
 
 
-def prepare_head(status: int, reason: str, fields: Iterable[tuple[str, str]]) -> PreparedHead | None:
-    """The status line and `fields`, encoded as whole_response.py and relay.py would send them;
-    None when a value holds a line break (those answers take the usual path, which refuses it)."""
+def prepare_head(status: int, reason: str, fields: Iterable[tuple[str, str]], body: bytes) -> PreparedHead | None:
+    """The status line and `fields` of a stored answer with `body`, encoded as whole_response.py
+    writes them. None when that is not how the answer would go out: no body, or one its
+    Content-Length does not frame (HEAD, 204 and the rest go through relay.py), or a value
+    with a line break (the usual path refuses it)."""
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
     has_date = has_server = False
+    length = None
     for name, value in fields:
         lines.append(f"{name}: {value}\r\n")
         lower = name.lower()
         has_date = has_date or lower == "date"
         has_server = has_server or lower == "server"
+        if lower == "content-length" and length is None:
+            length = value  # send_whole compares the first one
+    if not body or length != str(len(body)):
+        return None
     encoded = encode_head(lines)
     return None if encoded is None else PreparedHead(encoded, has_date, has_server)

@@ -25,6 +25,10 @@ USUAL_END_TO_END = frozenset({
     hdrs.EXPIRES, hdrs.LAST_MODIFIED, hdrs.LOCATION, hdrs.SERVER, hdrs.SET_COOKIE, hdrs.TRACEPARENT,
     hdrs.USER_AGENT, hdrs.VARY, hdrs.X_REQUEST_ID, "tracestate",
 })
+# A caller's fields the upstream never gets as sent: set by the forward step (Host), rebuilt here
+# (X-Forwarded-For), answered by the sidecar (Expect), or meant for proxies and the sidecar.
+_SET_HERE = frozenset({"host", "x-forwarded-for", "expect"})
+_NOT_FORWARDED_PREFIXES = ("proxy-", "x-sidecar-")
 _ids = random.Random()  # seeded from os.urandom, and again in a forked child so siblings differ
 os.register_at_fork(after_in_child=_ids.seed)
 _random_bits = _ids.getrandbits
@@ -61,8 +65,7 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict([
         (name, value) for name, value in incoming.items()
         if name in usual or not (
-            (lower := name.lower()) in dropped or lower in ("host", "x-forwarded-for", "expect")
-            or lower.startswith(("proxy-", "x-sidecar-"))
+            (lower := name.lower()) in dropped or lower in _SET_HERE or lower.startswith(_NOT_FORWARDED_PREFIXES)
         )
     ])
     chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
@@ -96,16 +99,14 @@ def add_downstream_response_headers(out: CIMultiDict[str], upstream: CIMultiDict
 
 
 # Request fields whose value the upstream sees differently from the caller's, or not at all
-# (upstream_request_headers): the ones above, plus what the forward step sets.
-_REWRITTEN_UPSTREAM = HOP_BY_HOP | {
-    "host", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", REQUEST_ID.lower(),
-}
+# (upstream_request_headers): the hop-by-hop ones, those set here, and the added forwarding facts.
+_REWRITTEN_UPSTREAM = HOP_BY_HOP | _SET_HERE | {"x-forwarded-proto", "x-forwarded-host", REQUEST_ID.lower()}
 
 
 def same_upstream(name: str) -> bool:
     """Whether the upstream sees the caller's own value of the request field `name` (lower case):
     a response that varies only on such fields can be matched against the caller's headers."""
-    return name not in _REWRITTEN_UPSTREAM and not name.startswith(("proxy-", "x-sidecar-"))
+    return name not in _REWRITTEN_UPSTREAM and not name.startswith(_NOT_FORWARDED_PREFIXES)
 
 
 def request_id_of(incoming: CIMultiDictProxy[str]) -> str:
