@@ -236,7 +236,7 @@ class _CachedHandler:
     async def coalesced(self, call: Call, decision: Decision, conditions: Headers, key: object,
                         rejoined: bool = False) -> Response:
         cache = self.cache
-        deadline = min(call.deadline, cache.loop.time() + min(cache.total_timeout, call.timeout or cache.total_timeout))
+        deadline = call.deadline_within(cache.total_timeout, cache.loop.time())  # as the deadline layer sets it
         joined = await cache.coalescer.run(key, lambda: self.fetch(call, decision), deadline)
         if joined.role is Role.LED:
             assert joined.value is not None

@@ -20,8 +20,7 @@ def deadline_layer(timeouts: RouteTimeouts) -> Layer:
             # min(per_try, time left) and raises `timeout` when nothing is left, so
             # there is exactly one timer per attempt and errors stay specific.
             # A plain function handing on the inner awaitable: no coroutine of its own.
-            limit = total if call.timeout is None else min(total, call.timeout)  # callers only tighten
-            call.deadline = min(call.deadline, loop.time() + limit)
+            call.deadline = call.deadline_within(total, loop.time())
             return inner(call)
 
         return within_deadline

@@ -55,6 +55,12 @@ class Call:
             for callback in callbacks:
                 callback()
 
+    def deadline_within(self, total: float, now: float) -> float:
+        """The request's deadline if it starts `now`: `total`, or the caller's shorter
+        x-sidecar-timeout-ms (callers only tighten), and never later than one already set."""
+        limit = total if self.timeout is None else min(total, self.timeout)
+        return min(self.deadline, now + limit)
+
     @property
     def body_replayable(self) -> bool:
         """Whether another attempt can send the body again: none, buffered, or not yet started."""
