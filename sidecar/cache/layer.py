@@ -57,9 +57,9 @@ from sidecar.cache.rules import (
 )
 from sidecar.cache.store import Entry, Store
 from sidecar.config.cache import Cache
-from sidecar.errors import SidecarError, UpstreamReset, UpstreamTimeout
+from sidecar.errors import SidecarError, UpstreamTimeout
 from sidecar.proxy.call import Call, Handler, Layer, Response, passthrough
-from sidecar.wire.answer import PreparedHead, complete_content, prepare_head
+from sidecar.wire.answer import PreparedHead, complete_content, prepare_head, read_whole
 from sidecar.wire.headers import same_upstream
 
 log = logging.getLogger("sidecar.cache")
@@ -292,7 +292,7 @@ class _CachedHandler:
         if size is None:
             return Fetched(response=response)
         try:
-            body = await _read_body(response, size, cache.idle)
+            body = await read_whole(response, size, cache.idle)
         except SidecarError as error:  # UpstreamReset or UpstreamTimeout, both covered
             return Fetched(failure=error.kind, error=error)
         new = self.stored(response, body, call.headers, request_time, response_time)
@@ -432,33 +432,3 @@ def _known_size(response: Response, limit: int) -> int | None:
     if content.is_eof() and content.total_bytes <= limit:
         return content.total_bytes  # no Content-Length, but it all came with the headers
     return None
-
-
-async def _read_body(response: Response, size: int, idle: float) -> bytes:
-    """The whole body of `size` bytes; the connection goes back to the pool after it.
-    A body that stalls for `idle` or breaks off raises timeout or upstream_reset."""
-    content = response.content
-    chunks: list[bytes] = []
-    received = 0
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(idle) as watchdog:
-            while received < size and (chunk := await content.readany()):
-                chunks.append(chunk)
-                received += len(chunk)
-                watchdog.reschedule(loop.time() + idle)
-    except TimeoutError:
-        response.close()
-        raise UpstreamTimeout(f"the upstream's body went silent for more than {idle:g}s") from None
-    except Exception as exc:  # whatever broke the body, the answer is the same
-        response.close()
-        raise UpstreamReset(f"the upstream's body broke off: {exc!r}") from exc
-    except BaseException:  # cancelled: the caller left mid-body
-        response.close()
-        raise
-    body = b"".join(chunks)
-    if len(body) != size:
-        response.close()
-        raise UpstreamReset(f"the upstream's body ended after {len(body)} of {size} bytes")
-    response.release()
-    return body

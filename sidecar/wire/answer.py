@@ -16,7 +16,7 @@ from aiohttp import ClientError, StreamReader
 from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDictProxy
 
-from sidecar.errors import SidecarError
+from sidecar.errors import SidecarError, UpstreamReset, UpstreamTimeout
 from sidecar.wire.headers import encode_head
 
 
@@ -57,6 +57,37 @@ async def drain(response: Relayable, idle: float) -> bool:
         return False
     response.release()
     return True
+
+
+async def read_whole(response: Relayable, size: int, idle: float) -> bytes:
+    """The whole body of `size` bytes (known before reading); the connection goes back to the
+    pool after it. A body that stalls for `idle` or breaks off raises UpstreamTimeout or
+    UpstreamReset, whatever the library raised: the wire maps foreign exceptions here."""
+    content = response.content
+    chunks: list[bytes] = []
+    received = 0
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(idle) as watchdog:
+            while received < size and (chunk := await content.readany()):
+                chunks.append(chunk)
+                received += len(chunk)
+                watchdog.reschedule(loop.time() + idle)
+    except TimeoutError:
+        response.close()
+        raise UpstreamTimeout(f"the upstream's body went silent for more than {idle:g}s") from None
+    except Exception as exc:  # whatever broke the body, the answer is the same
+        response.close()
+        raise UpstreamReset(f"the upstream's body broke off: {exc!r}") from exc
+    except BaseException:  # cancelled: the caller left mid-body
+        response.close()
+        raise
+    body = b"".join(chunks)
+    if len(body) != size:
+        response.close()
+        raise UpstreamReset(f"the upstream's body ended after {len(body)} of {size} bytes")
+    response.release()
+    return body
 
 
 @dataclass(frozen=True, slots=True)
